@@ -1,0 +1,143 @@
+"""The pipeline's settings: plain data, validated once, at the edge.
+
+A config is a flat dict keyed by dotted names (``cfg["train.lr"]``). Flat keys make
+``--set`` overrides, error messages and hashing of config subsets one-liners.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+LAYERS = ("conv2", "conv5", "fc6", "fc8")
+
+# key: (default, accepted types, extra check or None, what is expected). config.yaml holds the same defaults.
+_NUM = (int, float)
+SCHEMA = {
+    "seed": (0, int, lambda v: v >= 0, "an integer >= 0"),
+    "data.path": (None, (str, type(None)), None, "a path or null"),
+    "split.num_classes": (20, int, lambda v: 1 <= v <= 200, "an integer in 1..200"),
+    "split.eval_per_class": (50, int, lambda v: 1 <= v <= 50, "an integer in 1..50"),
+    "split.train_per_class": (None, (int, type(None)), lambda v: v is None or 1 <= v <= 500, "null or an integer in 1..500"),
+    "encoder.weights": ("auto", str, lambda v: v != "", "auto, imagenet, random or a file path"),
+    "encoder.input_size": (224, int, lambda v: 64 <= v <= 1024, "an integer in 64..1024"),
+    "layers": (list(LAYERS), list, lambda v: len(v) > 0 and all(x in LAYERS for x in v), f"a non-empty list of {', '.join(LAYERS)}"),
+    "cache.dir": ("cache", str, None, "a folder path"),
+    "cache.dtype": ("float16", str, lambda v: v in ("float16", "float32"), "float16 or float32"),
+    "extract.batch_size": (64, int, lambda v: v >= 1, "an integer >= 1"),
+    "device": ("auto", str, lambda v: v in ("auto", "cpu", "mps") or v.startswith("cuda"), "auto, cpu, cuda, cuda:N or mps"),
+    "decoder.width": (0.5, _NUM, lambda v: 0 < v <= 4, "a number in (0, 4]"),
+    "train.epochs": (4, int, lambda v: v >= 0, "an integer >= 0"),
+    "train.batch_size": (64, int, lambda v: v >= 1, "an integer >= 1"),
+    "train.lr": (1e-3, _NUM, lambda v: v > 0, "a number > 0"),
+    "train.betas": ([0.9, 0.999], list, lambda v: len(v) == 2 and all(isinstance(b, _NUM) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "train.weight_decay": (0.0, _NUM, lambda v: v >= 0, "a number >= 0"),
+    "train.schedule": ("none", str, lambda v: v in ("none", "cosine"), "none or cosine"),
+    "train.in_memory": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
+    "train.shuffle_buffer": (4096, int, lambda v: v >= 1, "an integer >= 1"),
+    "render.num_images": (20, int, lambda v: v >= 1, "an integer >= 1"),
+    "render.grid_size": (8, int, lambda v: 1 <= v <= 32, "an integer in 1..32"),
+    "render.top1": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
+    "output.dir": ("outputs", str, None, "a folder path"),
+}
+
+# What each stage's artifacts depend on; hashed into file names and checked on resume.
+CACHE_KEYS = ("seed", "split.num_classes", "split.eval_per_class", "split.train_per_class",
+              "encoder.weights", "encoder.input_size", "layers", "cache.dtype")
+
+
+def defaults():
+    return {key: _copy(default) for key, (default, *_) in SCHEMA.items()}
+
+
+def load(path="config.yaml", overrides=()):
+    """Read a YAML file, apply ``key=value`` overrides, validate everything. Raises UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of settings at the top level")
+    cfg = defaults()
+    for key, value in _flatten(raw).items():
+        _check_known(key, f"{path}: ")
+        cfg[key] = value
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        _check_known(key, "--set: ")
+        try:
+            cfg[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: cannot parse value {text!r}") from None
+    for key, value in cfg.items():
+        cfg[key] = _coerce(key, value)
+        _validate(key, cfg[key])
+    if len(set(cfg["layers"])) != len(cfg["layers"]):
+        raise UserError(f"layers: repeated layer in {cfg['layers']}")
+    return cfg
+
+
+def subset_hash(cfg, keys):
+    """Stable short hash of some settings: names caches, guards resumes."""
+    return digest({k: cfg[k] for k in keys})
+
+
+def digest(obj):
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _check_known(key, where):
+    if key not in SCHEMA:
+        raise UserError(f"{where}unknown config key {key!r}")
+
+
+def _coerce(key, value):
+    """YAML 1.1 reads `1e-3` as a string; accept it where a number is expected."""
+    if isinstance(value, str) and float in _as_tuple(SCHEMA[key][1]):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _validate(key, value):
+    _, types, check, expected = SCHEMA[key]
+    if isinstance(value, bool) and bool not in _as_tuple(types):
+        ok = False  # YAML's true/false must not pass as the number 1/0
+    else:
+        ok = isinstance(value, types) and (check is None or check(value))
+    if not ok:
+        if key == "layers" and isinstance(value, list) and value:
+            unknown = [x for x in value if x not in LAYERS] or value
+            raise UserError(f"layers: unknown layer {unknown[0]!r} (known: {', '.join(LAYERS)})")
+        raise UserError(f"config key {key}: invalid value {value!r} (expected {expected})")
+
+
+def _as_tuple(types):
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _copy(value):
+    return list(value) if isinstance(value, list) else value

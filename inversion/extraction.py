@@ -1,0 +1,95 @@
+"""Stage one: images -> frozen AlexNet -> feature cache. Runs once per config."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from . import data, encoder, feature_cache, runtime
+from .errors import UserError
+from .console import Timer, console, progress, rate_text, summary, warn
+
+
+def extract(cfg):
+    """Build (or find) the cache for this config; returns its path."""
+    with Timer() as timer:
+        dataset = data.TinyImageNet(data.locate(cfg["data.path"]))
+        split = data.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
+                                cfg["split.eval_per_class"], cfg["split.train_per_class"])
+        _show_classes(split, cfg["seed"])
+        model, identity = encoder.load(cfg["encoder.weights"], cfg["seed"])
+        console.print(f"encoder: {encoder.describe(identity)}")
+        sources = {"data": split.fingerprint(dataset), "encoder": identity,
+                   "preprocess": encoder.PREPROCESS_VERSION}
+        attrs = feature_cache.make_attrs(cfg, sources, identity, split.wnids, split.names, runtime.versions())
+        path = feature_cache.path_for(cfg)
+        existing = feature_cache.read_attrs(path) if path.exists() else None
+        if existing and existing["cache_hash"] == attrs["cache_hash"]:
+            console.print(f"cache hit: {path} ({path.stat().st_size / 2**20:,.1f} MiB, "
+                          f"checked in {timer.seconds:.1f} s)")
+            return path
+        if existing:
+            warn(f"{path} was built from other data, encoder or preprocessing; rebuilding it")
+
+    device = runtime.pick_device(cfg["device"])
+    model = model.to(device)
+    layers = cfg["layers"]
+    shapes = encoder.feature_shapes(cfg["encoder.input_size"], layers)
+    meta = {name: ([label for _, label in items], [split.wnids[label] for _, label in items],
+                   [dataset.root + member for member, _ in items])
+            for name, items in (("train", split.train), ("eval", split.eval))}
+    writer = feature_cache.Writer(path, attrs, meta, shapes, cfg["cache.dtype"])
+    dtype = getattr(torch, cfg["cache.dtype"])
+    total = len(split.train) + len(split.eval)
+    done_before = writer.done("train") + writer.done("eval")
+    if done_before:
+        console.print(f"resuming {writer.partial}: {done_before:,} of {total:,} images already extracted")
+    batch_size = cfg["extract.batch_size"]
+    console.print(f"extracting {', '.join(layers)} on {runtime.describe_device(device)}, batch {batch_size}")
+    finished = False
+    try:
+        with Timer() as timer, progress() as bar, ThreadPoolExecutor(1) as pool:
+            task = bar.add_task("extract", total=total, completed=done_before, rate="")
+            for name, items in (("train", split.train), ("eval", split.eval)):
+                starts = range(writer.done(name), len(items), batch_size)
+                decode = lambda s: np.stack([dataset.load_image(m) for m, _ in items[s:s + batch_size]])
+                pending = pool.submit(decode, starts[0]) if starts else None
+                for i, start in enumerate(starts):
+                    images = pending.result()
+                    if i + 1 < len(starts):  # decode the next batch while AlexNet runs on this one
+                        pending = pool.submit(decode, starts[i + 1])
+                    features = forward(model, images, cfg["encoder.input_size"], layers, device, dtype)
+                    writer.write(name, start, images, features)
+                    bar.update(task, advance=len(images),
+                               rate=rate_text(bar.tasks[0].completed - done_before, timer.seconds, "img"))
+            writer.finish()
+            finished = True
+    except UserError:  # bad input (a corrupt image): resuming would only meet it again
+        writer.close()
+        writer.partial.unlink()
+        raise
+    finally:
+        if not finished:
+            writer.close()
+    size = path.stat().st_size / 2**20
+    summary("extracted", total - done_before, timer.seconds, "images", f"cache {path} ({size:,.1f} MiB)")
+    return path
+
+
+@torch.inference_mode()
+def forward(model, images, input_size, layers, device, dtype=torch.float32):
+    """uint8 images (B, 64, 64, 3) -> {layer: numpy features}, cast on the device before the copy."""
+    x = encoder.preprocess(torch.from_numpy(images).to(device, non_blocking=True), input_size)
+    return {k: v.to(dtype).cpu().numpy() for k, v in encoder.taps(model, x, layers).items()}
+
+
+def _show_classes(split, seed):
+    table = Table(title=f"{len(split.wnids)} classes drawn with seed {seed}")
+    table.add_column("label", justify="right")
+    table.add_column("wnid")
+    table.add_column("name")
+    for label, (wnid, name) in enumerate(zip(split.wnids, split.names)):
+        table.add_row(str(label), wnid, name)
+    console.print(table)
+    console.print(f"split: {len(split.train):,} train + {len(split.eval):,} eval images")

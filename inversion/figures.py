@@ -1,0 +1,120 @@
+"""The figures. Each takes plain arrays and a `note` (the encoder's identity) that it prints on
+itself, so a figure separated from its report still says which AlexNet it inverts.
+
+Figures have fixed sizes in inches at DPI, so their pixel size is known: see `*_inches`.
+"""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 100
+CELL = 1.1  # inches per image in the comparison grid
+
+
+def loss_curves(histories, path, note):
+    """One panel per layer (train and eval) and one plot of every layer's eval loss, log scale."""
+    layers = list(histories)
+    fig, axes = plt.subplots(1, len(layers), figsize=loss_panels_inches(len(layers)), squeeze=False,
+                             sharey=True)
+    for ax, layer in zip(axes[0], layers):
+        epochs = [h["epoch"] for h in histories[layer]]
+        ax.plot(epochs, [h["train_loss"] for h in histories[layer]], "o-", label="train")
+        ax.plot(epochs, [h["eval_loss"] for h in histories[layer]], "s--", label="eval")
+        ax.set(title=layer, xlabel="epoch", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("pixel MSE")
+    axes[0][0].legend()
+    fig.suptitle(f"Decoder loss per layer\n{note}", fontsize=9)
+    fig.subplots_adjust(top=0.78, bottom=0.16, left=0.08, right=0.98)
+    written = _save(fig, path / "loss_per_layer", ("png", "pdf"))
+
+    fig, ax = plt.subplots(figsize=LOSS_ALL_INCHES)
+    for layer in layers:
+        ax.plot([h["epoch"] for h in histories[layer]], [h["eval_loss"] for h in histories[layer]],
+                "o-", label=f"{layer} eval")
+        ax.plot([h["epoch"] for h in histories[layer]], [h["train_loss"] for h in histories[layer]],
+                ":", color=ax.lines[-1].get_color(), label=f"{layer} train")
+    ax.set(xlabel="epoch", ylabel="pixel MSE", yscale="log", title=f"All layers\n{note}")
+    ax.title.set_fontsize(9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.subplots_adjust(top=0.86, bottom=0.12, left=0.12, right=0.97)
+    return written + _save(fig, path / "loss_all_layers", ("png", "pdf"))
+
+
+def comparison_grid(originals, reconstructions, row_labels, path, note):
+    """The paper-style grid: a row per image, columns original | one per layer."""
+    columns = {"original": originals, **reconstructions}
+    rows = len(originals)
+    fig, axes = plt.subplots(rows, len(columns), figsize=comparison_inches(rows, len(columns)), squeeze=False)
+    for c, (title, images) in enumerate(columns.items()):
+        axes[0][c].set_title(title, fontsize=9)
+        for r in range(rows):
+            ax = axes[r][c]
+            ax.imshow(images[r], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=6, rotation=0, ha="right", va="center")
+    fig.suptitle(f"Reconstructions from each layer (eval images)\n{note}", fontsize=8)
+    fig.subplots_adjust(left=0.3, right=0.98, top=1 - 0.6 / comparison_inches(rows, 1)[1],
+                        bottom=0.1 / comparison_inches(rows, 1)[1], wspace=0.05, hspace=0.05)
+    return _save(fig, path, ("png",))
+
+
+def layer_grid(originals, reconstruction, layer, path, note):
+    """n x n originals beside the same n x n reconstructed from one layer."""
+    fig, axes = plt.subplots(1, 2, figsize=LAYER_GRID_INCHES)
+    for ax, images, title in ((axes[0], originals, "original"), (axes[1], reconstruction, f"from {layer}")):
+        ax.imshow(mosaic(images), interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(f"{layer}: {len(originals)} eval images\n{note}", fontsize=9)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.86, bottom=0.02, wspace=0.04)
+    return _save(fig, path, ("png",))
+
+
+def mosaic(images, pad=2):
+    """(N, H, W, 3) -> one square image, tiles separated by white lines."""
+    n = int(np.ceil(np.sqrt(len(images))))
+    h, w = images.shape[1:3]
+    canvas = np.ones((n * (h + pad) - pad, n * (w + pad) - pad, 3), dtype=images.dtype)
+    canvas *= 255 if images.dtype == np.uint8 else 1
+    for i, image in enumerate(images):
+        r, c = divmod(i, n)
+        canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = image
+    return canvas
+
+
+def loss_panels_inches(n):
+    return (3.2 * n + 0.6, 3.4)
+
+
+LOSS_ALL_INCHES = (6.4, 4.8)
+LAYER_GRID_INCHES = (10.0, 5.6)
+
+
+def comparison_inches(rows, cols):
+    return (CELL * cols / 0.68, CELL * rows + 0.7)
+
+
+def pixel_size(inches):
+    return int(round(inches[0] * DPI)), int(round(inches[1] * DPI))
+
+
+def _save(fig, path, formats):
+    path = Path(path)
+    written = []
+    for fmt in formats:
+        target = path.with_suffix(f".{fmt}")
+        tmp = target.with_name(target.name + ".partial")
+        fig.savefig(tmp, dpi=DPI, format=fmt)
+        tmp.replace(target)
+        written.append(target)
+    plt.close(fig)
+    return written

@@ -1,0 +1,204 @@
+"""render.py's work: figures, metrics.json and results.md from the cache and checkpoints alone."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from . import config, encoder, feature_cache, figures, metrics, runtime, training
+from .console import Timer, console, summary, warn
+from .errors import UserError
+
+
+def render(cfg, layers=None, num_images=None):
+    with Timer() as timer:
+        cache = feature_cache.open_for(cfg)
+        with cache:
+            result = _render(cfg, cache, layers or cfg["layers"], num_images or cfg["render.num_images"])
+    summary("rendered", len(result["files"]), timer.seconds, "files", f"into {cfg['output.dir']}")
+    return result
+
+
+def _render(cfg, cache, layers, num_images):
+    out = Path(cfg["output.dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    identity = cache.attrs["encoder"]
+    note = encoder.describe(identity)
+    decoders, skipped = {}, []
+    for layer in layers:
+        path = training.decoder_dir(cfg, layer) / "last.pt"
+        if layer not in cache.attrs["layers"]:
+            skipped.append(f"{layer}: not in cache {cache.path}; skipped")
+        elif not path.exists():
+            skipped.append(f"{layer}: no checkpoint at {path}; skipped (run train_decoders.py --layers {layer})")
+        else:
+            decoders[layer] = training.load_decoder(path)
+    if not decoders:
+        raise UserError(f"no decoder checkpoints under {training.decoder_dir(cfg)} for {', '.join(layers)}; "
+                        f"run `python train_decoders.py` with the same --config/--set options first")
+    for message in skipped:
+        warn(message)
+    stale = [layer for layer, (_, ckpt) in decoders.items() if ckpt["cache_hash"] != cache.attrs["cache_hash"]]
+    if stale:
+        raise UserError(f"checkpoints for {', '.join(stale)} were trained on another cache than {cache.path}; "
+                        f"re-run `python train_decoders.py --fresh`")
+
+    device = runtime.pick_device(cfg["device"])
+    images = cache.load("eval", "images")
+    labels = cache.load("eval", "labels")
+    originals = training.to_target(torch.from_numpy(images))
+    recon = {}
+    for layer, (model, _) in decoders.items():
+        recon[layer] = training.reconstruct(model.to(device), cache["eval"][layer], 256, device)
+
+    normaliser = metrics.pair_distance(originals, cfg["seed"])
+    scores = {layer: metrics.summarize(originals, r, normaliser) for layer, r in recon.items()}
+    baselines = _baselines(cache, originals, labels, normaliser)
+    top1 = _top1(cfg, identity, images, recon, device)
+    for layer, value in top1.items():
+        scores[layer]["top1_agreement"] = value
+
+    names = cache.attrs["class_names"]
+    rows = _grid_choice(labels, num_images, cfg["seed"])
+    to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()
+    files = figures.loss_curves({layer: ckpt["history"] for layer, (_, ckpt) in decoders.items()}, out, note)
+    files += figures.comparison_grid(images[rows], {layer: to_hwc(r[rows]) for layer, r in recon.items()},
+                                     [_short(names[labels[i]]) for i in rows], out / "reconstructions", note)
+    grid = _grid_choice(labels, cfg["render.grid_size"] ** 2, cfg["seed"] + 1)
+    for layer, r in recon.items():
+        files += figures.layer_grid(images[grid], to_hwc(r[grid]), layer, out / f"grid_{layer}", note)
+
+    report = {
+        "config_hash": config.digest(cfg),
+        "cache": str(cache.path),
+        "cache_hash": cache.attrs["cache_hash"],
+        "encoder": identity,
+        "encoder_description": note,
+        "classes": [{"label": i, "wnid": w, "name": n} for i, (w, n) in enumerate(zip(cache.attrs["class_wnids"], names))],
+        "eval_images": len(images),
+        "normaliser_mean_pair_distance": normaliser,
+        "layers": {layer: {**scores[layer], "epochs": len(ckpt["history"])} for layer, (_, ckpt) in decoders.items()},
+        "baselines": baselines,
+        "top1_agreement": top1 or f"skipped: {_top1_reason(cfg, identity)}",
+        "versions": runtime.versions(),
+        "figures": [str(f.relative_to(out)) for f in files],
+    }
+    _write(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    _write(out / "results.md", _markdown(report))
+    _show(report)
+    return {"report": report, "files": files + [out / "metrics.json", out / "results.md"]}
+
+
+def _baselines(cache, originals, labels, normaliser, chunk=2048):
+    """Reconstruct every eval image as the mean training image, or its class's mean training image."""
+    train_images, train_labels = cache["train"]["images"], cache.load("train", "labels")
+    classes = len(cache.attrs["class_wnids"])
+    sums = np.zeros((classes, 64, 64, 3))
+    for start in range(0, len(train_images), chunk):
+        block = train_images[start:start + chunk].astype(np.float64)
+        np.add.at(sums, train_labels[start:start + chunk], block)
+    counts = np.bincount(train_labels, minlength=classes)
+    class_mean = training.to_target(torch.from_numpy(sums / np.maximum(counts, 1)[:, None, None, None]))
+    overall = training.to_target(torch.from_numpy(sums.sum(0, keepdims=True) / counts.sum()))
+    return {
+        "mean_train_image": metrics.summarize(originals, overall.expand_as(originals), normaliser),
+        "class_mean_train_image": metrics.summarize(originals, class_mean[torch.from_numpy(labels)], normaliser),
+    }
+
+
+def _top1(cfg, identity, images, recon, device, batch=128):
+    """Share of reconstructions that AlexNet puts in the same ImageNet class as their original."""
+    if _top1_reason(cfg, identity):
+        return {}
+    model = encoder.reload(identity)
+    if model is None:
+        warn("top-1 agreement skipped: the encoder this cache was built with cannot be loaded again")
+        return {}
+    model = model.to(device)
+
+    def classes(uint8_images):
+        with torch.inference_mode():
+            return torch.cat([
+                model(encoder.preprocess(torch.from_numpy(uint8_images[s:s + batch]).to(device),
+                                         cfg["encoder.input_size"])).argmax(1).cpu()
+                for s in range(0, len(uint8_images), batch)])
+
+    reference = classes(images)
+    return {layer: (classes(_to_uint8(r)) == reference).float().mean().item() for layer, r in recon.items()}
+
+
+def _top1_reason(cfg, identity):
+    if cfg["render.top1"] is False:
+        return "render.top1 is false"
+    if cfg["render.top1"] == "auto" and not encoder.is_pretrained(identity):
+        return "random-init encoder: its classes mean nothing (set render.top1=true to compute anyway)"
+    return ""
+
+
+def _to_uint8(images):
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _grid_choice(labels, n, seed):
+    """n eval indices, seeded, cycling through every class (in a shuffled class order)."""
+    rng = np.random.default_rng([seed, 3])
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)}
+    order = list(rng.permutation(list(pools)))
+    chosen = []
+    while len(chosen) < min(n, len(labels)):
+        for c in order:
+            if pools[c] and len(chosen) < n:
+                chosen.append(int(pools[c].pop()))
+    return np.array(chosen)
+
+
+def _short(name):
+    return name.split(",")[0]
+
+
+def _write(path, text):
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+COLUMNS = (("mse", "MSE", "{:.5f}"), ("psnr_db", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
+           ("normalized_error", "norm. error", "{:.3f}"), ("top1_agreement", "top-1 agree", "{:.1%}"))
+
+
+def _metric_rows(report):
+    rows = [(layer, values) for layer, values in report["layers"].items()]
+    rows += [(f"baseline: {name.replace('_', ' ')}", values) for name, values in report["baselines"].items()]
+    for name, values in rows:
+        yield name, [fmt.format(values[key]) if key in values else "-" for key, _, fmt in COLUMNS]
+
+
+def _markdown(report):
+    lines = ["# Reconstruction results", "",
+             f"- Encoder: **{report['encoder_description']}**",
+             f"- Cache: `{report['cache']}` (cache hash `{report['cache_hash']}`)",
+             f"- Config hash: `{report['config_hash']}`",
+             f"- Evaluation images: {report['eval_images']:,}; normaliser (mean distance between random "
+             f"pairs of eval images): {report['normaliser_mean_pair_distance']:.3f}",
+             f"- Epochs: " + ", ".join(f"{k} {v['epochs']}" for k, v in report["layers"].items()), "",
+             "| reconstruction from | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in _metric_rows(report)]
+    if isinstance(report["top1_agreement"], str):
+        lines += ["", f"Top-1 agreement {report['top1_agreement']}."]
+    lines += ["", "## Classes", "", "| label | wnid | name |", "|---:|---|---|"]
+    lines += [f"| {c['label']} | {c['wnid']} | {c['name']} |" for c in report["classes"]]
+    lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in report["figures"]]
+    return "\n".join(lines) + "\n"
+
+
+def _show(report):
+    table = Table(title=f"eval metrics ({report['eval_images']:,} images) - {report['encoder_description']}")
+    table.add_column("reconstruction from")
+    for _, title, _ in COLUMNS:
+        table.add_column(title, justify="right")
+    for name, cells in _metric_rows(report):
+        table.add_row(name, *cells)
+    console.print(table)

@@ -1,0 +1,35 @@
+"""Where code runs and with what: device choice and the library versions stamped on artifacts."""
+
+import platform
+from importlib import metadata
+
+import h5py
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: {name} requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device: mps requested but MPS is not available")
+    return torch.device(name)
+
+
+def versions():
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": metadata.version("torchvision"), "h5py": h5py.__version__, "numpy": np.__version__}
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

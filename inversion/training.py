@@ -1,0 +1,263 @@
+"""Stage two: train one decoder per layer straight from the cached tensors.
+
+Nothing here touches AlexNet or a JPEG: inputs are the cached activations, targets the cached
+64x64 images scaled to [0, 1]. Each epoch ends in an atomically written `last.pt` (and `best.pt`
+when the eval loss improves), so a killed run loses at most the epoch in progress and a re-run
+continues from `last.pt` up to `train.epochs`.
+"""
+
+import json
+import math
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+
+from . import config, feature_cache, runtime
+from .console import Timer, console, progress, rate_text, summary
+from .decoders import Decoder
+from .errors import UserError
+
+HISTORY = "history.jsonl"
+
+
+def train(cfg, layers=None, fresh=False):
+    """Train (or resume) the decoders of `layers`; returns {layer: history}."""
+    layers = layers or cfg["layers"]
+    cache = feature_cache.open_for(cfg, layers)
+    device = runtime.pick_device(cfg["device"])
+    console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device)}")
+    histories = {}
+    with Timer() as timer, cache:
+        samples = 0
+        for layer in layers:
+            histories[layer], start = train_layer(cfg, cache, layer, device, fresh)
+            samples += sum(h["samples"] for h in histories[layer][start:])
+    _show_summary(histories)
+    summary("trained", samples, timer.seconds, "samples", f"{len(layers)} decoders in {decoder_dir(cfg)}")
+    return histories
+
+
+def decoder_dir(cfg, layer=""):
+    return Path(cfg["output.dir"]) / "decoders" / layer
+
+
+def train_layer(cfg, cache, layer, device, fresh=False):
+    """Returns (history, number of epochs that were already done before this call)."""
+    out = decoder_dir(cfg, layer)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = cache["train"][layer].shape[1:]
+    guard = {"cache_hash": cache.attrs["cache_hash"],
+             "decoder": {"layer": layer, "in_shape": list(shape), "width": cfg["decoder.width"]}}
+    torch.manual_seed(_seed(cfg["seed"], layer))
+    model = Decoder(shape, cfg["decoder.width"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["train.lr"], betas=tuple(cfg["train.betas"]),
+                                 weight_decay=cfg["train.weight_decay"], fused=device.type == "cuda")
+    history = []
+    checkpoint = _resume_point(out / "last.pt", guard, fresh)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history = checkpoint["history"]
+    else:
+        model.input_scale.fill_(_rms(cache["train"][layer]))
+    start = len(history)
+    epochs = cfg["train.epochs"]
+    if start >= epochs:
+        console.print(f"{layer}: already trained for {start} epochs (train.epochs={epochs})")
+        return history, start
+    if start:
+        console.print(f"{layer}: resuming from {out / 'last.pt'} at epoch {start + 1}")
+
+    train_x, train_y = _inputs(cache, "train", layer, cfg["train.in_memory"], device)
+    eval_x, eval_y = _inputs(cache, "eval", layer, cfg["train.in_memory"], device)
+    best = min((h["eval_loss"] for h in history), default=math.inf)
+    batch = cfg["train.batch_size"]
+    with progress() as bar:
+        task = bar.add_task(f"{layer} epoch {start + 1}/{epochs}", total=len(train_x), rate="")
+        for epoch in range(start, epochs):
+            lr = _lr(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rng = np.random.default_rng(_seed(cfg["seed"], layer, epoch))
+            bar.reset(task, total=len(train_x), description=f"{layer} epoch {epoch + 1}/{epochs}")
+            model.train()
+            t0 = time.perf_counter()
+            total, seen = torch.zeros((), device=device), 0
+            for x, y in _batches(train_x, train_y, batch, rng, cfg["train.shuffle_buffer"], device):
+                loss = _loss(model, x, y, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(x)
+                seen += len(x)
+                bar.update(task, advance=len(x), rate=rate_text(seen, time.perf_counter() - t0, "samples"))
+            train_loss = total.item() / seen
+            eval_loss = evaluate(model, eval_x, eval_y, batch, device)
+            seconds = time.perf_counter() - t0
+            if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
+                kept = f"kept {out / 'last.pt'} (epoch {len(history)})" if history else "no checkpoint was written"
+                raise UserError(f"{layer}: loss became {train_loss if not math.isfinite(train_loss) else eval_loss}"
+                                f" in epoch {epoch + 1}; stopped, {kept}; try a lower train.lr")
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "eval_loss": eval_loss, "lr": lr,
+                            "seconds": round(seconds, 3), "samples": seen,
+                            "samples_per_s": round(seen / seconds, 1)})
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+                     **guard, "config_hash": config.digest(cfg), "versions": runtime.versions()}
+            _save(state, out / "last.pt")
+            if eval_loss < best:
+                best = eval_loss
+                _save(state, out / "best.pt")
+            _write_history(history, out / HISTORY)
+            console.print(f"{layer} epoch {epoch + 1}/{epochs}: train {train_loss:.5f}  eval {eval_loss:.5f}  "
+                          f"({seconds:.1f} s, {seen / seconds:,.0f} samples/s)")
+    return history, start
+
+
+def load_decoder(path, device="cpu"):
+    """(decoder in eval mode, checkpoint dict) from a `last.pt` or `best.pt`."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    spec = checkpoint["decoder"]
+    model = Decoder(tuple(spec["in_shape"]), spec["width"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+@torch.no_grad()
+def evaluate(model, x_all, y_all, batch, device):
+    """Mean pixel MSE over the whole split, in order."""
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in _ordered(x_all, y_all, batch, device):
+        total += _loss(model, x, y, device).item() * len(x)
+        n += len(x)
+    return total / n
+
+
+@torch.no_grad()
+def reconstruct(model, x_all, batch, device):
+    """Decoder outputs for a whole split, clamped to [0, 1], as a CPU float tensor (N, 3, 64, 64)."""
+    model.eval()
+    outs = []
+    for start in range(0, len(x_all), batch):
+        x = torch.as_tensor(np.asarray(x_all[start:start + batch])).to(device).float()
+        with _autocast(device):
+            outs.append(model(x).float().clamp_(0, 1).cpu())
+    return torch.cat(outs)
+
+
+def to_target(images):
+    """uint8 (B, 64, 64, 3) -> float (B, 3, 64, 64) in [0, 1]: what decoders predict."""
+    return images.permute(0, 3, 1, 2).float().div_(255)
+
+
+def _loss(model, x, y, device):
+    with _autocast(device):
+        return F.mse_loss(model(x.float()).float(), to_target(y))
+
+
+def _autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _inputs(cache, split, layer, in_memory, device):
+    """The split's (features, images): tensors in memory (on the GPU if room), else HDF5 datasets."""
+    x, y = cache[split][layer], cache[split]["images"]
+    nbytes = x.size * x.dtype.itemsize + y.size
+    if in_memory == "auto":
+        in_memory = nbytes < 0.5 * _available_ram()
+    if not in_memory:
+        return x, y
+    x, y = torch.from_numpy(x[()]), torch.from_numpy(y[()])
+    if device.type == "cuda" and nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
+        x, y = x.to(device), y.to(device)
+    return x, y
+
+
+def _batches(x, y, batch, rng, buffer, device):
+    """Shuffled training batches: an index permutation in memory, a shuffle buffer from HDF5."""
+    if isinstance(x, torch.Tensor):
+        order = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+        for start in range(0, len(x), batch):
+            idx = order[start:start + batch]
+            yield x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+    else:
+        for bx, by in feature_cache.stream(x, y, batch, buffer, rng):
+            yield torch.from_numpy(bx).to(device), torch.from_numpy(by).to(device)
+
+
+def _ordered(x, y, batch, device):
+    for start in range(0, len(x), batch):
+        yield (torch.as_tensor(x[start:start + batch]).to(device),
+               torch.as_tensor(y[start:start + batch]).to(device))
+
+
+def _rms(dataset, limit=2048):
+    """Scalar input scale from the first samples of the training split (deterministic, cheap)."""
+    sample = torch.from_numpy(dataset[:limit]).float()
+    return max(sample.pow(2).mean().sqrt().item(), 1e-8)
+
+
+def _lr(cfg, epoch):
+    if cfg["train.schedule"] == "cosine":
+        return cfg["train.lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg["train.epochs"]))
+    return cfg["train.lr"]
+
+
+def _seed(seed, layer, epoch=-1):
+    """Per-layer (and per-epoch) seeds: training one layer alone gives the same run as all four."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(layer.encode()), epoch + 1]).generate_state(1)[0])
+
+
+def _resume_point(path, guard, fresh):
+    if fresh or not path.exists():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("cache_hash", "decoder"):
+        if checkpoint.get(key) != guard[key]:
+            raise UserError(f"{path} was trained with {key} {checkpoint.get(key)}, now {guard[key]}; "
+                            f"pass --fresh to start this decoder over")
+    return checkpoint
+
+
+def _save(state, path):
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _write_history(history, path):
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    tmp.replace(path)
+
+
+def read_history(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _available_ram():
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _show_summary(histories):
+    table = Table(title="decoders")
+    for column in ("layer", "epochs", "train loss", "eval loss", "best eval", "s/epoch", "samples/s"):
+        table.add_column(column, justify="right" if column != "layer" else "left")
+    for layer, history in histories.items():
+        if not history:
+            continue
+        last = history[-1]
+        table.add_row(layer, str(last["epoch"]), f"{last['train_loss']:.5f}", f"{last['eval_loss']:.5f}",
+                      f"{min(h['eval_loss'] for h in history):.5f}",
+                      f"{np.mean([h['seconds'] for h in history]):.1f}",
+                      f"{np.mean([h['samples_per_s'] for h in history]):,.0f}")
+    console.print(table)

@@ -1,0 +1,27 @@
+"""Figures, metrics.json and results.md from the feature cache and decoder checkpoints alone."""
+
+from pathlib import Path
+
+import typer
+
+from inversion import config, console, report
+from inversion.errors import UserError
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+@console.run
+def main(config_path: Path = console.ConfigOption, overrides: list[str] = console.SetOption,
+         layers: str = typer.Option(None, "--layers", help="Comma-separated subset of `layers`, e.g. conv2,fc8."),
+         num_images: int = typer.Option(None, "--num-images", min=1, help="Rows of the comparison grid.")):
+    cfg = config.load(config_path, overrides)
+    chosen = layers.split(",") if layers else None
+    for layer in chosen or ():
+        if layer not in config.LAYERS:
+            raise UserError(f"--layers: unknown layer {layer!r} (known: {', '.join(config.LAYERS)})")
+    report.render(cfg, chosen, num_images)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,81 @@
+"""The three command lines: bad input is one line on stderr, a non-zero exit code, no traceback."""
+
+import importlib
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import WNIDS, write_tiny_imagenet
+
+runner = CliRunner()
+
+
+def invoke(script, *args):
+    app = importlib.import_module(script).app
+    return runner.invoke(app, list(args))
+
+
+def one_line_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == [lines[-1]] and fragment in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def cfg_file(tmp_path, tiny_zip):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"data: {{path: {tiny_zip}}}\ncache: {{dir: {tmp_path}/cache}}\noutput: {{dir: {tmp_path}/out}}\n"
+                    f"encoder: {{weights: random}}\nsplit: {{num_classes: 2, eval_per_class: 1, train_per_class: 2}}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--set", "data.path=/nowhere/tiny.zip"], "/nowhere/tiny.zip"),
+    (["--set", "layers=[conv2,pool9]"], "pool9"),
+    (["--set", "split.num_classes=0"], "split.num_classes"),
+    (["--set", "split.num_classes=201"], "split.num_classes"),
+    (["--set", "split.eval_per_class=51"], "split.eval_per_class"),
+    (["--set", "split.num_classes=6"], "split.num_classes: 6 is outside 1..5"),
+    (["--set", "unknown=1"], "unknown"),
+])
+def test_extract_bad_input(cfg_file, args, fragment):
+    one_line_error(invoke("extract_features", "--config", cfg_file, *args), fragment)
+
+
+def test_extract_bad_files(cfg_file, tmp_path):
+    nowinds = write_tiny_imagenet(tmp_path / "nowinds.zip", with_wnids=False)
+    one_line_error(invoke("extract_features", "--config", cfg_file, "--set", f"data.path={nowinds}"), "wnids.txt")
+    member = f"train/{WNIDS[0]}/images/{WNIDS[0]}_0.JPEG"
+    corrupt = write_tiny_imagenet(tmp_path / "corrupt.zip", corrupt=member)
+    one_line_error(invoke("extract_features", "--config", cfg_file, "--set", f"data.path={corrupt}",
+                          "--set", "split.num_classes=5"), member)
+    assert not any((tmp_path / "cache").glob("*.h5*"))
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "w.pth")
+    one_line_error(invoke("extract_features", "--config", cfg_file, "--set", f"encoder.weights={tmp_path}/w.pth"),
+                   "does not fit")
+    one_line_error(invoke("extract_features", "--config", str(tmp_path / "none.yaml")), "none.yaml")
+
+
+def test_pipeline_commands_and_their_errors(cfg_file, tmp_path):
+    one_line_error(invoke("train_decoders", "--config", cfg_file), "extract_features.py")
+    one_line_error(invoke("render", "--config", cfg_file), "extract_features.py")
+    assert invoke("extract_features", "--config", cfg_file, "--set", "layers=[conv5]").exit_code == 0
+    one_line_error(invoke("train_decoders", "--config", cfg_file, "--layers", "conv2,conv7"), "conv7")
+    one_line_error(invoke("train_decoders", "--config", cfg_file, "--set", "layers=[conv5]", "--layers", "fc6"),
+                   "no layer 'fc6'")
+    one_line_error(invoke("render", "--config", cfg_file, "--set", "layers=[conv5]"), "train_decoders.py")
+    result = invoke("train_decoders", "--config", cfg_file, "--set", "layers=[conv5]", "--set", "train.epochs=1")
+    assert result.exit_code == 0 and "trained: " in result.output
+    result = invoke("render", "--config", cfg_file, "--set", "layers=[conv5]", "--num-images", "2")
+    assert result.exit_code == 0 and "rendered: " in result.output
+    assert (tmp_path / "out" / "results.md").exists()
+
+
+def test_describe_prints_four_tables_without_a_cache(cfg_file):
+    result = invoke("train_decoders", "--config", cfg_file, "--describe")
+    assert result.exit_code == 0
+    for layer in ("conv2", "conv5", "fc6", "fc8"):
+        assert f"{layer} decoder (input" in result.output

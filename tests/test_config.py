@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from inversion import config
+from inversion.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_config_yaml_holds_exactly_the_defaults():
+    assert config.load(ROOT / "config.yaml") == config.defaults()
+
+
+def test_set_overrides_parse_yaml_scalars(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\n")
+    cfg = config.load(path, ["train.lr=3e-4", "layers=[conv2, fc8]", "split.train_per_class=10", "data.path=null"])
+    assert cfg["train.epochs"] == 3 and cfg["train.lr"] == 3e-4
+    assert cfg["layers"] == ["conv2", "fc8"] and cfg["split.train_per_class"] == 10 and cfg["data.path"] is None
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("nope.key=1", "unknown config key 'nope.key'"),
+    ("train.epochs=many", "train.epochs"),
+    ("train.epochs=true", "train.epochs"),
+    ("split.num_classes=0", "split.num_classes"),
+    ("split.num_classes=201", "split.num_classes"),
+    ("split.eval_per_class=51", "split.eval_per_class"),
+    ("layers=[conv2, conv9]", "unknown layer 'conv9'"),
+    ("layers=[]", "layers"),
+    ("cache.dtype=int8", "cache.dtype"),
+    ("train.epochs", "key=value"),
+])
+def test_bad_values_name_the_key(tmp_path, override, fragment):
+    with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
+        config.load(ROOT / "config.yaml", [override])
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("split:\n  num_clases: 3\n")
+    with pytest.raises(UserError, match="split.num_clases"):
+        config.load(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(UserError, match="nowhere.yaml"):
+        config.load(tmp_path / "nowhere.yaml")
+
+
+def test_subset_hash_is_stable_and_sensitive():
+    a = config.defaults()
+    b = dict(a, seed=1)
+    assert config.subset_hash(a, config.CACHE_KEYS) == config.subset_hash(dict(a), config.CACHE_KEYS)
+    assert config.subset_hash(a, config.CACHE_KEYS) != config.subset_hash(b, config.CACHE_KEYS)
+    assert config.subset_hash(a, config.CACHE_KEYS) == config.subset_hash(dict(a, **{"train.lr": 1.0}), config.CACHE_KEYS)

@@ -1,0 +1,122 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import WNIDS, make_cfg, write_tiny_imagenet
+from inversion import data, encoder, extraction, feature_cache
+from inversion.errors import UserError
+
+
+def test_cache_holds_split_and_features_equal_a_direct_forward(built, tiny_zip):
+    cfg, path = built
+    ds = data.TinyImageNet(tiny_zip)
+    split = data.make_split(ds, cfg["seed"], 3, 2, 6)
+    model, identity = encoder.load("random", cfg["seed"])
+    with feature_cache.open_for(cfg, cfg["layers"]) as cache:
+        assert cache.attrs["class_wnids"] == split.wnids and cache.attrs["encoder"] == identity
+        assert cache.attrs["config_hash"] in path.name and cache.attrs["complete"]
+        assert set(cache.attrs["versions"]) >= {"torch", "torchvision", "h5py", "numpy"}
+        for name, items in (("train", split.train), ("eval", split.eval)):
+            images = np.stack([ds.load_image(m) for m, _ in items])
+            assert (cache.load(name, "images") == images).all()
+            assert list(cache.load(name, "labels")) == [label for _, label in items]
+            assert [p.decode() for p in cache.load(name, "paths")] == [ds.root + m for m, _ in items]
+            direct = extraction.forward(model, images, 224, cfg["layers"], torch.device("cpu"))
+            for layer in cfg["layers"]:
+                np.testing.assert_allclose(cache.load(name, layer), direct[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_rerun_is_a_cache_hit_and_a_changed_config_a_new_cache(built, capsys):
+    cfg, path = built
+    mtime = path.stat().st_mtime_ns
+    assert extraction.extract(cfg) == path
+    assert path.stat().st_mtime_ns == mtime and "cache hit" in capsys.readouterr().err
+    other = feature_cache.path_for(dict(cfg, seed=1))
+    assert other != path
+    assert feature_cache.path_for(dict(cfg, **{"train.lr": 1.0, "output.dir": "x"})) == path
+
+
+def test_float16_cache_is_the_float32_one_rounded(built, tmp_path):
+    cfg, path = built
+    half = extraction.extract(dict(cfg, **{"cache.dtype": "float16", "cache.dir": str(tmp_path)}))
+    with h5py.File(half) as f16, h5py.File(path) as f32:
+        assert f16["train/fc6"].dtype == np.float16
+        np.testing.assert_array_equal(f16["train/fc6"][()], f32["train/fc6"][()].astype(np.float16))
+
+
+def test_interrupted_write_leaves_nothing_valid_and_resumes(built, tmp_path, monkeypatch):
+    cfg, reference = built
+    cfg = dict(cfg, **{"cache.dir": str(tmp_path)})
+    target = feature_cache.path_for(cfg)
+    real_write = feature_cache.Writer.write
+    calls = []
+
+    def write_then_die(self, *args):
+        real_write(self, *args)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(feature_cache.Writer, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        extraction.extract(cfg)
+    assert not target.exists() and feature_cache.read_attrs(target.with_name(target.name + ".partial")) is None
+    with pytest.raises(UserError, match="no complete feature cache"):
+        feature_cache.open_for(cfg)
+    monkeypatch.setattr(feature_cache.Writer, "write", real_write)
+    extraction.extract(cfg)
+    with h5py.File(target) as a, h5py.File(reference) as b:
+        for key in ("train/conv2", "train/fc8", "eval/conv5", "train/images"):
+            np.testing.assert_array_equal(a[key][()], b[key][()])
+
+
+def test_kill_9_during_extraction_leaves_no_complete_cache(tiny_zip, tmp_path):
+    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from conftest import make_cfg; "
+            f"from pathlib import Path; from inversion import extraction, feature_cache; "
+            f"cfg = make_cfg(Path({str(tmp_path)!r}), {str(tiny_zip)!r}, 'extract.batch_size=1', 'split.train_per_class=8'); "
+            f"print(feature_cache.path_for(cfg), flush=True); "
+            f"w = feature_cache.Writer.write\n"
+            f"def slow(*a):\n    w(*a); print('wrote', flush=True); import time; time.sleep(0.2)\n"
+            f"feature_cache.Writer.write = slow; extraction.extract(cfg)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.join(os.getcwd(), "tests"), stderr=subprocess.DEVNULL)
+    target = proc.stdout.readline().strip()
+    assert proc.stdout.readline().strip() == "wrote"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(target) and os.path.exists(target + ".partial")
+    assert feature_cache.read_attrs(target + ".partial") is None
+
+
+def test_corrupt_jpeg_is_one_error_and_leaves_no_file(tmp_path):
+    member = f"train/{WNIDS[0]}/images/{WNIDS[0]}_1.JPEG"
+    bad = write_tiny_imagenet(tmp_path / "bad.zip", corrupt=member)
+    cfg = make_cfg(tmp_path, bad, "split.num_classes=5", "layers=[fc8]")
+    with pytest.raises(UserError, match=member):
+        extraction.extract(cfg)
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_missing_layer_is_named(tiny_zip, tmp_path):
+    cfg = make_cfg(tmp_path, tiny_zip, "layers=[fc8]")
+    extraction.extract(cfg)
+    with pytest.raises(UserError, match="no layer 'conv2'"):
+        feature_cache.open_for(cfg, ["conv2"])
+
+
+def test_stream_yields_every_sample_once_in_shuffled_order(tmp_path):
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        x = f.create_dataset("x", data=np.arange(103 * 2).reshape(103, 2), chunks=(10, 2))
+        y = f.create_dataset("y", data=np.arange(103))
+        batches = list(feature_cache.stream(x, y, 8, 25, np.random.default_rng(0)))
+        seen = np.concatenate([by for _, by in batches])
+        assert sorted(seen) == list(range(103)) and list(seen) != list(range(103))
+        assert all(len(by) == 8 for _, by in batches[:-1])
+        assert all((bx[:, 0] == 2 * by).all() for bx, by in batches)

@@ -1,0 +1,47 @@
+"""Stage two: train one decoder per AlexNet layer from the feature cache."""
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from inversion import config, console, decoders, encoder, training
+from inversion.errors import UserError
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+@console.run
+def main(config_path: Path = console.ConfigOption, overrides: list[str] = console.SetOption,
+         layers: str = typer.Option(None, "--layers", help="Comma-separated subset of `layers`, e.g. conv2,fc8."),
+         fresh: bool = typer.Option(False, "--fresh", help="Ignore existing checkpoints and start over."),
+         describe: bool = typer.Option(False, "--describe", help="Print each decoder's layer table and exit.")):
+    cfg = config.load(config_path, overrides)
+    chosen = layers.split(",") if layers else cfg["layers"]
+    for layer in chosen:
+        if layer not in config.LAYERS:
+            raise UserError(f"--layers: unknown layer {layer!r} (known: {', '.join(config.LAYERS)})")
+    if describe:
+        print_tables(cfg, chosen)
+    else:
+        training.train(cfg, chosen, fresh=fresh)
+
+
+def print_tables(cfg, layers):
+    """The architecture tables, read off the modules themselves (the README quotes this output)."""
+    shapes = encoder.feature_shapes(cfg["encoder.input_size"], layers)
+    for layer in layers:
+        model = decoders.Decoder(shapes[layer], cfg["decoder.width"])
+        total = sum(p.numel() for p in model.parameters())
+        table = Table(title=f"{layer} decoder (input {'x'.join(map(str, shapes[layer]))}, "
+                            f"width {cfg['decoder.width']}, {total:,} parameters)")
+        for column in ("layer", "kernel", "stride", "out channels", "out size", "parameters"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        for name, kernel, stride, channels, size, params in decoders.describe(model):
+            table.add_row(name, str(kernel), str(stride), str(channels), size, f"{params:,}")
+        console.console.print(table)
+
+
+if __name__ == "__main__":
+    app()
