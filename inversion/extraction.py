@@ -1,6 +1,7 @@
 """Stage one: images -> frozen AlexNet -> feature cache. Runs once per config."""
 
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -13,6 +14,12 @@ from .console import Timer, console, progress, rate_text, summary, warn
 
 def extract(cfg):
     """Build (or find) the cache for this config; returns its path."""
+    job = prepare(cfg)
+    return job.path if job.hit else build(cfg, job)
+
+
+def prepare(cfg):
+    """Everything before the forward passes: split, encoder, cache identity, and whether it exists."""
     with Timer() as timer:
         dataset = data.TinyImageNet(data.locate(cfg["data.path"]))
         split = data.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
@@ -25,13 +32,17 @@ def extract(cfg):
         attrs = feature_cache.make_attrs(cfg, sources, identity, split.wnids, split.names, runtime.versions())
         path = feature_cache.path_for(cfg)
         existing = feature_cache.read_attrs(path) if path.exists() else None
-        if existing and existing["cache_hash"] == attrs["cache_hash"]:
-            console.print(f"cache hit: {path} ({path.stat().st_size / 2**20:,.1f} MiB, "
-                          f"checked in {timer.seconds:.1f} s)")
-            return path
-        if existing:
-            warn(f"{path} was built from other data, encoder or preprocessing; rebuilding it")
+        hit = bool(existing) and existing["cache_hash"] == attrs["cache_hash"]
+    if hit:
+        console.print(f"cache hit: {path} ({path.stat().st_size / 2**20:,.1f} MiB, checked in {timer.seconds:.1f} s)")
+    elif existing:
+        warn(f"{path} was built from other data, encoder or preprocessing; rebuilding it")
+    return SimpleNamespace(dataset=dataset, split=split, model=model, attrs=attrs, path=path, hit=hit)
 
+
+def build(cfg, job):
+    """Run AlexNet over the split and write the cache (resuming a `.partial` one)."""
+    dataset, split, model, attrs, path = job.dataset, job.split, job.model, job.attrs, job.path
     device = runtime.pick_device(cfg["device"])
     model = model.to(device)
     layers = cfg["layers"]

@@ -1,52 +1,18 @@
 """Shared fixtures: a small Tiny-ImageNet-shaped zip and a cache built from it by the real code."""
 
-import io
-import zipfile
-
-import numpy as np
 import pytest
-from PIL import Image
 
-from inversion import config, extraction
+from inversion import config, extraction, synthetic
 
-WNIDS = ["n00000001", "n00000002", "n00000003", "n00000004", "n00000005"]
+WNIDS = synthetic.wnids_for(5)
 TRAIN_PER_CLASS = 8
 VAL_PER_CLASS = 3
-GRAY_MEMBER = "tiny-imagenet-200/train/n00000001/images/n00000001_0.JPEG"
+GRAY_MEMBER = f"train/{WNIDS[0]}/images/{WNIDS[0]}_0.JPEG"
 
 
-def _jpeg(rng, label, gray=False):
-    """A smooth class-coloured image with noise, so decoders have something learnable."""
-    yy, xx = np.mgrid[0:64, 0:64] / 63.0
-    base = np.stack([xx, yy, 1 - xx], -1) * 120 + 40 * np.array([label % 3, (label // 3) % 3, 1])
-    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels).convert("L") if gray else Image.fromarray(pixels)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def write_tiny_imagenet(path, wnids=WNIDS, corrupt=None, with_wnids=True):
-    """The official layout in miniature; `corrupt` names a train member whose bytes are garbage."""
-    rng = np.random.default_rng(0)
-    root = "tiny-imagenet-200/"
-    with zipfile.ZipFile(path, "w") as z:
-        if with_wnids:
-            z.writestr(root + "wnids.txt", "\n".join(wnids) + "\n")
-        z.writestr(root + "words.txt", "".join(f"{w}\tthing {i}, other name\n" for i, w in enumerate(wnids)))
-        annotations = []
-        for label, wnid in enumerate(wnids):
-            for i in range(TRAIN_PER_CLASS):
-                member = f"{root}train/{wnid}/images/{wnid}_{i}.JPEG"
-                image = _jpeg(rng, label, gray=member == GRAY_MEMBER)
-                z.writestr(member, b"\xff\xd8\xff\xe0 not a jpeg" if member == f"{root}{corrupt}" else image)
-            z.writestr(f"{root}train/{wnid}/{wnid}_boxes.txt", "")
-            for i in range(VAL_PER_CLASS):
-                name = f"val_{label * VAL_PER_CLASS + i}.JPEG"
-                z.writestr(f"{root}val/images/{name}", _jpeg(rng, label))
-                annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63\n")
-        z.writestr(root + "val/val_annotations.txt", "".join(annotations))
-    return path
+def write_tiny_imagenet(path, corrupt=None, with_wnids=True):
+    return synthetic.write_zip(path, len(WNIDS), TRAIN_PER_CLASS, VAL_PER_CLASS, gray=[GRAY_MEMBER],
+                               corrupt=[corrupt] if corrupt else [], with_wnids=with_wnids)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,22 @@
+"""Benchmarks: what the feature cache buys. Prints a table, then one JSON object as its last line."""
+
+import json
+
+import typer
+
+from inversion import bench, console
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+@console.run
+def main(images: int = typer.Option(512, help="Synthetic training images (8 classes)."),
+         batch: int = typer.Option(64, help="Batch size for every measurement."),
+         steps: int = typer.Option(3, help="Timed training steps per measurement (after one warm-up)."),
+         device: str = typer.Option("auto", help="auto, cpu, cuda, mps.")):
+    print(json.dumps(bench.run(images, batch, steps, device)))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,223 @@
+"""What the cache buys, measured side by side in one process on synthetic Tiny-ImageNet-shaped data.
+
+Every figure is a ratio of two timings taken here, now, on the same machine, so it holds on a noisy
+one. The "original" approach follows the implementation the mission was written from (see
+../shared/paper/NOTES.md): AlexNet runs inside every training step and the decoder grows to
+416x416 (conv2) or 128x128 (fc) against targets upscaled from 64x64.
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch import nn
+
+from . import config, encoder, extraction, feature_cache, runtime, synthetic, training
+from .console import console
+from .decoders import LEAK, Decoder
+
+ORIGINAL_SIZE = {"conv2": 416, "fc6": 128}
+
+
+def run(images=512, batch=64, steps=3, device="auto", workdir=None):
+    device = runtime.pick_device(device)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        classes = 8
+        per_class = max(1, images // classes)
+        zip_path = synthetic.write_zip(tmp / "tiny.zip", classes, per_class, 1)
+        cfg = _cfg(tmp, zip_path, per_class, batch, device)
+        n = classes * (per_class + 1)
+        console.print(f"bench: {n} synthetic 64x64 images, batch {batch}, {steps} timed steps, "
+                      f"on {runtime.describe_device(device)}")
+        rows, out = [], {}
+
+        job = extraction.prepare(cfg)
+        t0 = time.perf_counter()
+        extraction.build(cfg, job)
+        extract_rate = n / (time.perf_counter() - t0)
+        forward_rate = _forward_rate(job.model.to(device), n, batch, device)
+        out["extract_vs_forward"] = extract_rate / forward_rate
+        rows.append(("extraction vs bare AlexNet forward", f"{extract_rate:,.1f} vs {forward_rate:,.1f} img/s",
+                     out["extract_vs_forward"], ">= 0.9"))
+
+        cache = feature_cache.open_for(cfg, config.LAYERS)
+        with cache:
+            alexnet = job.model.to(device)
+            data = {layer: torch.from_numpy(cache["train"][layer][:batch]).to(device) for layer in config.LAYERS}
+            images_u8 = torch.from_numpy(cache["train"]["images"][:batch]).to(device)
+            cached = {layer: _step_time(_cached_step(data[layer], images_u8, device), steps, device)
+                      for layer in config.LAYERS}
+            for layer, goal in (("conv2", 20), ("fc6", 3)):
+                original = _step_time(_original_step(layer, alexnet, images_u8, device, cfg), steps, device)
+                key = f"orig_vs_cached_{layer}"
+                out[key] = original / cached[layer]
+                rows.append((f"{layer}: original step vs cached step",
+                             f"{original * 1e3:,.0f} vs {cached[layer] * 1e3:,.0f} ms", out[key], f">= {goal}"))
+            online = {}
+            for layer in config.LAYERS:
+                t = _step_time(_online_step(layer, alexnet, images_u8, device, cfg), steps, device)
+                online[layer] = t / cached[layer]
+                rows.append((f"{layer}: online step vs cached step",
+                             f"{t * 1e3:,.0f} vs {cached[layer] * 1e3:,.0f} ms", online[layer], ">= 2"))
+            out["online_vs_cached"] = min(online.values())
+
+            rates = {}
+            for mode in ("memory", "hdf5"):
+                rates[mode] = _read_rate(cache, "conv2", batch, mode, device)
+                out[f"read_samples_per_s_{mode}"] = rates[mode]
+                rows.append((f"read conv2 training batches ({'in memory' if mode == 'memory' else 'streamed from HDF5'})",
+                             f"{rates[mode]:,.0f} samples/s", None, ""))
+
+        (base1, small), (base4, large) = (_peak_rss(tmp / f"rss{k}", zip_path, k * max(1, per_class // 2), batch)
+                                          for k in (1, 4))
+        out["extract_rss_ratio_4x"] = large / small
+        rows.append((f"extraction peak RSS, 4N vs N = {8 * max(1, per_class // 2) + 8} images",
+                     f"{large / 2**20:,.0f} vs {small / 2**20:,.0f} MiB (above start-up: "
+                     f"{(large - base4) / 2**20:,.0f} vs {(small - base1) / 2**20:,.0f})",
+                     out["extract_rss_ratio_4x"], "< 1.2"))
+        out["device"] = runtime.describe_device(device)
+    _table(rows, n, batch)
+    return out
+
+
+def _cfg(tmp, zip_path, per_class, batch, device):
+    path = tmp / "bench.yaml"
+    path.write_text("{}\n")
+    return config.load(path, [f"data.path={zip_path}", f"cache.dir={tmp}/cache", f"output.dir={tmp}/out",
+                              "encoder.weights=random", "split.num_classes=8", "split.eval_per_class=1",
+                              f"split.train_per_class={per_class}", f"extract.batch_size={batch}",
+                              f"device={device}"])
+
+
+def _forward_rate(model, n, batch, device):
+    """A bare AlexNet forward on ready 224x224 tensors: the ceiling for extraction."""
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    with torch.inference_mode():
+        model(x)
+        _sync(device)
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            model(x)
+            done += batch
+        _sync(device)
+    return done / (time.perf_counter() - t0)
+
+
+def _train_step(model, inputs, target, device):
+    """One decoder training step; `inputs` and `target` are recomputed inside it, as a pipeline would."""
+    model = model.to(device)
+    opt = torch.optim.Adam(model.parameters(), 1e-4, fused=device.type in ("cpu", "cuda"))
+
+    def step():
+        with torch.no_grad():
+            x, y = inputs(), target()
+        with training.autocast(device):
+            loss = F.mse_loss(model(x.float()).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _cached_step(features, images_u8, device):
+    """Ours: features straight from the cache, 64x64 targets."""
+    return _train_step(Decoder(features.shape[1:]), lambda: features, lambda: training.to_target(images_u8), device)
+
+
+def _online_step(layer, alexnet, images_u8, device, cfg):
+    """Our decoder, but with AlexNet run inside the step instead of read from the cache."""
+    shape = encoder.feature_shapes(cfg["encoder.input_size"], [layer])[layer]
+    return _train_step(Decoder(shape), lambda: _tap(alexnet, images_u8, layer, cfg),
+                       lambda: training.to_target(images_u8), device)
+
+
+def _original_step(layer, alexnet, images_u8, device, cfg):
+    """The original approach: AlexNet in the step, decoder and targets at 416 or 128 px."""
+    shape = encoder.feature_shapes(cfg["encoder.input_size"], [layer])[layer]
+    size = ORIGINAL_SIZE[layer]
+    upscaled = lambda: F.interpolate(training.to_target(images_u8), size=(size, size), mode="bilinear",
+                                     align_corners=False)
+    return _train_step(original_decoder(shape), lambda: _tap(alexnet, images_u8, layer, cfg), upscaled, device)
+
+
+def _tap(alexnet, images_u8, layer, cfg):
+    return encoder.taps(alexnet, encoder.preprocess(images_u8, cfg["encoder.input_size"]), [layer])[layer]
+
+
+def original_decoder(shape):
+    """The original implementation's halved decoder: 5 up-convolutions from the feature grid
+    (13 -> 416 for conv2, 4 -> 128 for fc), leaky ReLU on every layer including the output."""
+    layers = []
+    if len(shape) == 1:
+        layers += [nn.Linear(shape[0], 4096), nn.LeakyReLU(LEAK), nn.Linear(4096, 4096), nn.LeakyReLU(LEAK),
+                   nn.Linear(4096, 4096), nn.LeakyReLU(LEAK), nn.Unflatten(1, (256, 4, 4))]
+        channels = 256
+    else:
+        channels = shape[0]
+        for _ in range(3):
+            layers += [nn.Conv2d(channels, 128, 3, padding=1), nn.LeakyReLU(LEAK)]
+            channels = 128
+    for out in (128, 64, 32, 16, 3):
+        layers += [nn.ConvTranspose2d(channels, out, 5, 2, 2, output_padding=1), nn.LeakyReLU(LEAK)]
+        channels = out
+    return nn.Sequential(*layers)
+
+
+def _step_time(step, steps, device):
+    step()  # warm-up: allocations, kernel selection
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def _read_rate(cache, layer, batch, mode, device, min_seconds=1.0):
+    """Training-input throughput: epochs of shuffled batches, moved to the device, until min_seconds."""
+    x, y = training.inputs(cache, "train", layer, mode == "memory", device)
+    rng = np.random.default_rng(0)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        for bx, by in training.batches(x, y, batch, rng, 1024, device):
+            done += len(bx)
+    _sync(device)
+    return done / (time.perf_counter() - t0)
+
+
+def _peak_rss(tmp, zip_path, per_class, batch):
+    """(peak RSS after start-up, peak RSS at the end) of a fresh process that extracts
+    per_class*8 (+8 eval) images. Start-up = imports, split and encoder loaded."""
+    tmp.mkdir()
+    code = ("import json, resource, sys; from pathlib import Path; from inversion import bench, extraction; "
+            "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "cfg = bench._cfg(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), 'cpu'); "
+            "job = extraction.prepare(cfg); start = peak(); extraction.build(cfg, job); "
+            "print(json.dumps([start, peak()]))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp), str(zip_path), str(per_class), str(batch)],
+                            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    return [kib * 1024 for kib in json.loads(result.stdout.strip().splitlines()[-1])]  # ru_maxrss is KiB
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _table(rows, n, batch):
+    table = Table(title=f"bench ({n} images, batch {batch})")
+    for column in ("measure", "timings", "ratio", "goal"):
+        table.add_column(column, justify="left" if column in ("measure", "timings") else "right")
+    for measure, timings, ratio, goal in rows:
+        table.add_row(measure, timings, "" if ratio is None else f"{ratio:.2f}", goal)
+    console.print(table)
