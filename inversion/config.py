@@ -44,7 +44,7 @@ SCHEMA = {
     "output.dir": ("outputs", str, None, "a folder path"),
 }
 
-# What each stage's artifacts depend on; hashed into file names and checked on resume.
+# The settings that shape a feature cache; hashed into its file name.
 CACHE_KEYS = ("seed", "split.num_classes", "split.eval_per_class", "split.train_per_class",
               "encoder.weights", "encoder.input_size", "layers", "cache.dtype")
 
@@ -86,12 +86,8 @@ def load(path="config.yaml", overrides=()):
     return cfg
 
 
-def subset_hash(cfg, keys):
-    """Stable short hash of some settings: names caches, guards resumes."""
-    return digest({k: cfg[k] for k in keys})
-
-
 def digest(obj):
+    """Stable short hash of plain data: names caches, pins checkpoints and reports to settings."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -1,5 +1,6 @@
 """The figures. Each takes plain arrays and a `note` (the encoder's identity) that it prints on
-itself, so a figure separated from its report still says which AlexNet it inverts.
+itself, so a figure separated from its report still says which AlexNet it inverts; `provenance`
+(config and cache hashes, library versions) goes into the file's metadata.
 
 Figures have fixed sizes in inches at DPI, so their pixel size is known: see `*_inches`.
 """
@@ -16,7 +17,7 @@ DPI = 100
 CELL = 1.1  # inches per image in the comparison grid
 
 
-def loss_curves(histories, path, note):
+def loss_curves(histories, path, note, provenance=""):
     """One panel per layer (train and eval) and one plot of every layer's eval loss, log scale."""
     layers = list(histories)
     fig, axes = plt.subplots(1, len(layers), figsize=loss_panels_inches(len(layers)), squeeze=False,
@@ -31,7 +32,7 @@ def loss_curves(histories, path, note):
     axes[0][0].legend()
     fig.suptitle(f"Decoder loss per layer\n{note}", fontsize=9)
     fig.subplots_adjust(top=0.78, bottom=0.16, left=0.08, right=0.98)
-    written = _save(fig, path / "loss_per_layer", ("png", "pdf"))
+    written = _save(fig, path / "loss_per_layer", ("png", "pdf"), note, provenance)
 
     fig, ax = plt.subplots(figsize=LOSS_ALL_INCHES)
     for layer in layers:
@@ -44,10 +45,10 @@ def loss_curves(histories, path, note):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.subplots_adjust(top=0.86, bottom=0.12, left=0.12, right=0.97)
-    return written + _save(fig, path / "loss_all_layers", ("png", "pdf"))
+    return written + _save(fig, path / "loss_all_layers", ("png", "pdf"), note, provenance)
 
 
-def comparison_grid(originals, reconstructions, row_labels, path, note):
+def comparison_grid(originals, reconstructions, row_labels, path, note, provenance=""):
     """The paper-style grid: a row per image, columns original | one per layer."""
     columns = {"original": originals, **reconstructions}
     rows = len(originals)
@@ -64,10 +65,10 @@ def comparison_grid(originals, reconstructions, row_labels, path, note):
     fig.suptitle(f"Reconstructions from each layer (eval images)\n{note}", fontsize=8)
     fig.subplots_adjust(left=0.3, right=0.98, top=1 - 0.6 / comparison_inches(rows, 1)[1],
                         bottom=0.1 / comparison_inches(rows, 1)[1], wspace=0.05, hspace=0.05)
-    return _save(fig, path, ("png",))
+    return _save(fig, path, ("png",), note, provenance)
 
 
-def layer_grid(originals, reconstruction, layer, path, note):
+def layer_grid(originals, reconstruction, layer, path, note, provenance=""):
     """n x n originals beside the same n x n reconstructed from one layer."""
     fig, axes = plt.subplots(1, 2, figsize=LAYER_GRID_INCHES)
     for ax, images, title in ((axes[0], originals, "original"), (axes[1], reconstruction, f"from {layer}")):
@@ -76,7 +77,7 @@ def layer_grid(originals, reconstruction, layer, path, note):
         ax.axis("off")
     fig.suptitle(f"{layer}: {len(originals)} eval images\n{note}", fontsize=9)
     fig.subplots_adjust(left=0.02, right=0.98, top=0.86, bottom=0.02, wspace=0.04)
-    return _save(fig, path, ("png",))
+    return _save(fig, path, ("png",), note, provenance)
 
 
 def mosaic(images, pad=2):
@@ -107,13 +108,14 @@ def pixel_size(inches):
     return int(round(inches[0] * DPI)), int(round(inches[1] * DPI))
 
 
-def _save(fig, path, formats):
+def _save(fig, path, formats, note, provenance):
     path = Path(path)
     written = []
     for fmt in formats:
         target = path.with_suffix(f".{fmt}")
         tmp = target.with_name(target.name + ".partial")
-        fig.savefig(tmp, dpi=DPI, format=fmt)
+        meta = {"Title": note, ("Description" if fmt == "png" else "Subject"): provenance}
+        fig.savefig(tmp, dpi=DPI, format=fmt, metadata=meta)
         tmp.replace(target)
         written.append(target)
     plt.close(fig)

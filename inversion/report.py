@@ -63,15 +63,20 @@ def _render(cfg, cache, layers, num_images):
     names = cache.attrs["class_names"]
     rows = _grid_choice(labels, num_images, cfg["seed"])
     to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()
-    files = figures.loss_curves({layer: ckpt["history"] for layer, (_, ckpt) in decoders.items()}, out, note)
+    config_hash = config.digest(cfg)
+    provenance = json.dumps({"config_hash": config_hash, "cache_hash": cache.attrs["cache_hash"],
+                             "versions": runtime.versions()}, sort_keys=True)
+    files = figures.loss_curves({layer: ckpt["history"] for layer, (_, ckpt) in decoders.items()}, out, note,
+                                provenance)
     files += figures.comparison_grid(images[rows], {layer: to_hwc(r[rows]) for layer, r in recon.items()},
-                                     [_short(names[labels[i]]) for i in rows], out / "reconstructions", note)
+                                     [_short(names[labels[i]]) for i in rows], out / "reconstructions", note,
+                                     provenance)
     grid = _grid_choice(labels, cfg["render.grid_size"] ** 2, cfg["seed"] + 1)
     for layer, r in recon.items():
-        files += figures.layer_grid(images[grid], to_hwc(r[grid]), layer, out / f"grid_{layer}", note)
+        files += figures.layer_grid(images[grid], to_hwc(r[grid]), layer, out / f"grid_{layer}", note, provenance)
 
     report = {
-        "config_hash": config.digest(cfg),
+        "config_hash": config_hash,
         "cache": str(cache.path),
         "cache_hash": cache.attrs["cache_hash"],
         "encoder": identity,
@@ -97,8 +102,9 @@ def _baselines(cache, originals, labels, normaliser, chunk=2048):
     classes = len(cache.attrs["class_wnids"])
     sums = np.zeros((classes, 64, 64, 3))
     for start in range(0, len(train_images), chunk):
-        block = train_images[start:start + chunk].astype(np.float64)
-        np.add.at(sums, train_labels[start:start + chunk], block)
+        block, block_labels = train_images[start:start + chunk], train_labels[start:start + chunk]
+        for c in np.unique(block_labels):
+            sums[c] += block[block_labels == c].sum(0, dtype=np.float64)
     counts = np.bincount(train_labels, minlength=classes)
     class_mean = training.to_target(torch.from_numpy(sums / np.maximum(counts, 1)[:, None, None, None]))
     overall = training.to_target(torch.from_numpy(sums.sum(0, keepdims=True) / counts.sum()))

@@ -49,9 +49,11 @@ def test_missing_file_is_named(tmp_path):
         config.load(tmp_path / "nowhere.yaml")
 
 
-def test_subset_hash_is_stable_and_sensitive():
+def test_cache_name_depends_only_on_the_settings_that_shape_it():
+    from inversion import feature_cache
+
     a = config.defaults()
-    b = dict(a, seed=1)
-    assert config.subset_hash(a, config.CACHE_KEYS) == config.subset_hash(dict(a), config.CACHE_KEYS)
-    assert config.subset_hash(a, config.CACHE_KEYS) != config.subset_hash(b, config.CACHE_KEYS)
-    assert config.subset_hash(a, config.CACHE_KEYS) == config.subset_hash(dict(a, **{"train.lr": 1.0}), config.CACHE_KEYS)
+    assert feature_cache.path_for(a) == feature_cache.path_for(dict(a))
+    assert feature_cache.path_for(a) != feature_cache.path_for(dict(a, seed=1))
+    assert feature_cache.path_for(a) != feature_cache.path_for(dict(a, **{"cache.dtype": "float32"}))
+    assert feature_cache.path_for(a) == feature_cache.path_for(dict(a, **{"train.lr": 1.0, "data.path": "x"}))

@@ -2,7 +2,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -12,6 +12,8 @@ import torch
 from conftest import WNIDS, make_cfg, write_tiny_imagenet
 from inversion import data, encoder, extraction, feature_cache
 from inversion.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cache_holds_split_and_features_equal_a_direct_forward(built, tiny_zip):
@@ -78,7 +80,7 @@ def test_interrupted_write_leaves_nothing_valid_and_resumes(built, tmp_path, mon
 
 
 def test_kill_9_during_extraction_leaves_no_complete_cache(tiny_zip, tmp_path):
-    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from conftest import make_cfg; "
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from conftest import make_cfg; "
             f"from pathlib import Path; from inversion import extraction, feature_cache; "
             f"cfg = make_cfg(Path({str(tmp_path)!r}), {str(tiny_zip)!r}, 'extract.batch_size=1', 'split.train_per_class=8'); "
             f"print(feature_cache.path_for(cfg), flush=True); "
@@ -86,7 +88,7 @@ def test_kill_9_during_extraction_leaves_no_complete_cache(tiny_zip, tmp_path):
             f"def slow(*a):\n    w(*a); print('wrote', flush=True); import time; time.sleep(0.2)\n"
             f"feature_cache.Writer.write = slow; extraction.extract(cfg)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.join(os.getcwd(), "tests"), stderr=subprocess.DEVNULL)
+                            cwd=ROOT / "tests", stderr=subprocess.DEVNULL)
     target = proc.stdout.readline().strip()
     assert proc.stdout.readline().strip() == "wrote"
     proc.send_signal(signal.SIGKILL)

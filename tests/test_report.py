@@ -46,6 +46,7 @@ def test_render_from_cache_and_checkpoints_alone(trained, tmp_path, capsys):
     for name, size in sizes.items():
         with Image.open(out / name) as im:
             assert im.size == size, name
+            assert metrics["config_hash"] in im.info["Description"] and "random init" in im.info["Title"]
             assert np.asarray(im.convert("L")).std() > 5  # not a blank canvas
 
 

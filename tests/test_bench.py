@@ -1,0 +1,19 @@
+"""A smoke test of the benchmark at a tiny size: it runs and reports every figure. No timing asserts."""
+
+import json
+import math
+
+from typer.testing import CliRunner
+
+import bench as bench_cli
+
+KEYS = {"extract_vs_forward", "orig_vs_cached_conv2", "orig_vs_cached_fc6", "online_vs_cached",
+        "extract_rss_ratio_4x", "read_samples_per_s_memory", "read_samples_per_s_hdf5"}
+
+
+def test_bench_prints_the_json_figures_last():
+    result = CliRunner().invoke(bench_cli.app, ["--images", "16", "--batch", "8", "--steps", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert set(figures) == KEYS | {"device"} and figures["device"].startswith("cpu")
+    assert all(figures[k] > 0 and math.isfinite(figures[k]) for k in KEYS)
