@@ -28,7 +28,6 @@ def psnr(x, y):
 
 
 def ssim(x, y, window=11, sigma=1.5, k1=0.01, k2=0.03):
-    x, y = x.double(), y.double()  # E[x^2] - E[x]^2 cancels badly in float32
     c1, c2 = k1 ** 2, k2 ** 2
     coords = torch.arange(window, dtype=x.dtype) - (window - 1) / 2
     g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
@@ -38,10 +37,15 @@ def ssim(x, y, window=11, sigma=1.5, k1=0.01, k2=0.03):
     def blur(t):
         return F.conv2d(t, kernel, groups=x.shape[1])
 
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    # (Co)variances are shift-invariant: computing them on mean-centred images keeps
+    # E[x^2] - E[x]^2 from cancelling badly in float32.
+    a, b = x.mean((2, 3), keepdim=True), y.mean((2, 3), keepdim=True)
+    xc, yc = x - a, y - b
+    mxc, myc = blur(xc), blur(yc)
+    mx, my = mxc + a, myc + b
+    vx, vy, cov = blur(xc * xc) - mxc ** 2, blur(yc * yc) - myc ** 2, blur(xc * yc) - mxc * myc
     s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).float()
+    return s.flatten(1).mean(1)
 
 
 def pair_distance(x, seed=0):
