@@ -12,9 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DPI = 100
-CELL = 1.1  # inches per image in the comparison grid
+CELL, LABEL, HEADER = 1.1, 1.0, 0.75  # comparison grid: inches per image, row labels, title
 
 
 def loss_curves(histories, path, note, provenance=""):
@@ -27,6 +28,7 @@ def loss_curves(histories, path, note, provenance=""):
         ax.plot(epochs, [h["train_loss"] for h in histories[layer]], "o-", label="train")
         ax.plot(epochs, [h["eval_loss"] for h in histories[layer]], "s--", label="eval")
         ax.set(title=layer, xlabel="epoch", yscale="log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("pixel MSE")
     axes[0][0].legend()
@@ -42,9 +44,10 @@ def loss_curves(histories, path, note, provenance=""):
                 ":", color=ax.lines[-1].get_color(), label=f"{layer} train")
     ax.set(xlabel="epoch", ylabel="pixel MSE", yscale="log", title=f"All layers\n{note}")
     ax.title.set_fontsize(9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.subplots_adjust(top=0.86, bottom=0.12, left=0.12, right=0.97)
+    fig.subplots_adjust(top=0.86, bottom=0.12, left=0.15, right=0.97)
     return written + _save(fig, path / "loss_all_layers", ("png", "pdf"), note, provenance)
 
 
@@ -61,10 +64,12 @@ def comparison_grid(originals, reconstructions, row_labels, path, note, provenan
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(row_labels[r], fontsize=6, rotation=0, ha="right", va="center")
-    fig.suptitle(f"Reconstructions from each layer (eval images)\n{note}", fontsize=8)
-    fig.subplots_adjust(left=0.3, right=0.98, top=1 - 0.6 / comparison_inches(rows, 1)[1],
-                        bottom=0.1 / comparison_inches(rows, 1)[1], wspace=0.05, hspace=0.05)
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+    width, height = comparison_inches(rows, len(columns))
+    fig.suptitle(f"Reconstructions from each layer (eval images)\n{note}", fontsize=8, y=1 - 0.08 / height,
+                 va="top")
+    fig.subplots_adjust(left=LABEL / width, right=1 - 0.1 / width, top=1 - HEADER / height,
+                        bottom=0.1 / height, wspace=0.05, hspace=0.05)
     return _save(fig, path, ("png",), note, provenance)
 
 
@@ -101,7 +106,7 @@ LAYER_GRID_INCHES = (10.0, 5.6)
 
 
 def comparison_inches(rows, cols):
-    return (CELL * cols / 0.68, CELL * rows + 0.7)
+    return (LABEL + CELL * cols + 0.1, HEADER + CELL * rows + 0.1)
 
 
 def pixel_size(inches):
