@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False)
 @console.run
 def main(images: int = typer.Option(512, help="Synthetic training images (8 classes)."),
          batch: int = typer.Option(64, help="Batch size for every measurement."),
-         steps: int = typer.Option(3, help="Timed training steps per measurement (after one warm-up)."),
+         steps: int = typer.Option(5, help="Timed training steps per measurement (after one warm-up)."),
          device: str = typer.Option("auto", help="auto, cpu, cuda, mps.")):
     print(json.dumps(bench.run(images, batch, steps, device)))
 
