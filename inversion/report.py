@@ -26,24 +26,7 @@ def _render(cfg, cache, layers, num_images):
     out.mkdir(parents=True, exist_ok=True)
     identity = cache.attrs["encoder"]
     note = encoder.describe(identity)
-    decoders, skipped = {}, []
-    for layer in layers:
-        path = training.decoder_dir(cfg, layer) / "last.pt"
-        if layer not in cache.attrs["layers"]:
-            skipped.append(f"{layer}: not in cache {cache.path}; skipped")
-        elif not path.exists():
-            skipped.append(f"{layer}: no checkpoint at {path}; skipped (run train_decoders.py --layers {layer})")
-        else:
-            decoders[layer] = training.load_decoder(path)
-    if not decoders:
-        raise UserError(f"no decoder checkpoints under {training.decoder_dir(cfg)} for {', '.join(layers)}; "
-                        f"run `python train_decoders.py` with the same --config/--set options first")
-    for message in skipped:
-        warn(message)
-    stale = [layer for layer, (_, ckpt) in decoders.items() if ckpt["cache_hash"] != cache.attrs["cache_hash"]]
-    if stale:
-        raise UserError(f"checkpoints for {', '.join(stale)} were trained on another cache than {cache.path}; "
-                        f"re-run `python train_decoders.py --fresh`")
+    decoders = _load_decoders(cfg, cache, layers)
 
     device = runtime.pick_device(cfg["device"])
     images = cache.load("eval", "images")
@@ -94,6 +77,29 @@ def _render(cfg, cache, layers, num_images):
     _write(out / "results.md", _markdown(report))
     _show(report)
     return {"report": report, "files": files + [out / "metrics.json", out / "results.md"]}
+
+
+def _load_decoders(cfg, cache, layers):
+    """{layer: (decoder, checkpoint)} for the layers that have one; warns about the rest."""
+    decoders, skipped = {}, []
+    for layer in layers:
+        path = training.decoder_dir(cfg, layer) / "last.pt"
+        if layer not in cache.attrs["layers"]:
+            skipped.append(f"{layer}: not in cache {cache.path}; skipped")
+        elif not path.exists():
+            skipped.append(f"{layer}: no checkpoint at {path}; skipped (run train_decoders.py --layers {layer})")
+        else:
+            decoders[layer] = training.load_decoder(path)
+    if not decoders:
+        raise UserError(f"no decoder checkpoints under {training.decoder_dir(cfg)} for {', '.join(layers)}; "
+                        f"run `python train_decoders.py` with the same --config/--set options first")
+    for message in skipped:
+        warn(message)
+    stale = [layer for layer, (_, ckpt) in decoders.items() if ckpt["cache_hash"] != cache.attrs["cache_hash"]]
+    if stale:
+        raise UserError(f"checkpoints for {', '.join(stale)} were trained on another cache than {cache.path}; "
+                        f"re-run `python train_decoders.py --fresh`")
+    return decoders
 
 
 def _baselines(cache, originals, labels, normaliser, chunk=2048):

@@ -86,18 +86,14 @@ def train_layer(cfg, cache, layer, device, fresh=False):
                 group["lr"] = lr
             rng = np.random.default_rng(_seed(cfg["seed"], layer, epoch))
             bar.reset(task, total=len(train_x), description=f"{layer} epoch {epoch + 1}/{epochs}")
-            model.train()
             t0 = time.perf_counter()
-            total, seen = torch.zeros((), device=device), 0
-            for x, y in batches(train_x, train_y, batch, rng, cfg["train.shuffle_buffer"], device):
-                loss = _loss(model, x, y, device)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach() * len(x)
-                seen += len(x)
-                bar.update(task, advance=len(x), rate=rate_text(seen, time.perf_counter() - t0, "samples"))
-            train_loss = total.item() / seen
+
+            def advance(n):
+                bar.advance(task, n)
+                bar.update(task, rate=rate_text(bar.tasks[0].completed, time.perf_counter() - t0, "samples"))
+
+            data = batches(train_x, train_y, batch, rng, cfg["train.shuffle_buffer"], device)
+            train_loss, seen = _train_epoch(model, optimizer, data, device, advance)
             eval_loss = evaluate(model, eval_x, eval_y, batch, device)
             seconds = time.perf_counter() - t0
             if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
@@ -117,6 +113,21 @@ def train_layer(cfg, cache, layer, device, fresh=False):
             console.print(f"{layer} epoch {epoch + 1}/{epochs}: train {train_loss:.5f}  eval {eval_loss:.5f}  "
                           f"({seconds:.1f} s, {seen / seconds:,.0f} samples/s)")
     return history, start
+
+
+def _train_epoch(model, optimizer, data, device, advance):
+    """One pass over `data`; returns (mean loss, samples). The loss stays on the device until the end."""
+    model.train()
+    total, seen = torch.zeros((), device=device), 0
+    for x, y in data:
+        loss = _loss(model, x, y, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(x)
+        seen += len(x)
+        advance(len(x))
+    return total.item() / seen, seen
 
 
 def load_decoder(path, device="cpu"):
