@@ -44,14 +44,14 @@ def run(images=512, batch=64, steps=5, device="auto"):
         t0 = time.perf_counter()
         extraction.build(cfg, job)
         extract_rate = n / (time.perf_counter() - t0)
-        forward_rate = _forward_rate(job.model.to(device), n, batch, device)
+        alexnet = job.model.to(device)
+        forward_rate = _forward_rate(alexnet, n, batch, device)
         out["extract_vs_forward"] = extract_rate / forward_rate
         rows.append(("extraction vs bare AlexNet forward", f"{extract_rate:,.1f} vs {forward_rate:,.1f} img/s",
                      out["extract_vs_forward"], ">= 0.9"))
 
         cache = feature_cache.open_for(cfg, config.LAYERS)
         with cache:
-            alexnet = job.model.to(device)
             data = {layer: torch.from_numpy(cache["train"][layer][:batch]).to(device) for layer in config.LAYERS}
             images_u8 = torch.from_numpy(cache["train"]["images"][:batch]).to(device)
             cached = {layer: _step_time(_cached_step(data[layer], images_u8, device), steps, device)
@@ -117,7 +117,7 @@ def _forward_rate(model, n, batch, device):
 def _train_step(model, inputs, target, device, fused=True):
     """One decoder training step; `inputs` and `target` are recomputed inside it, as a pipeline would."""
     model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), 1e-4, fused=fused and device.type in ("cpu", "cuda"))
+    opt = training.adam(model.parameters(), device, fused, lr=1e-4)
 
     def step():
         with torch.no_grad():
