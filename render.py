@@ -5,7 +5,6 @@ from pathlib import Path
 import typer
 
 from inversion import config, console, report
-from inversion.errors import UserError
 
 app = typer.Typer(add_completion=False)
 
@@ -17,9 +16,7 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
          num_images: int = typer.Option(None, "--num-images", min=1, help="Rows of the comparison grid.")):
     cfg = config.load(config_path, overrides)
     chosen = layers.split(",") if layers else None
-    for layer in chosen or ():
-        if layer not in config.LAYERS:
-            raise UserError(f"--layers: unknown layer {layer!r} (known: {', '.join(config.LAYERS)})")
+    config.check_layers(cfg, chosen or [], "--layers")
     report.render(cfg, chosen, num_images)
 
 

@@ -1,4 +1,4 @@
-"""Stage two: train one decoder per AlexNet layer from the feature cache."""
+"""Stage two: train one decoder per encoder layer from the feature cache."""
 
 from pathlib import Path
 
@@ -6,7 +6,6 @@ import typer
 from rich.table import Table
 
 from inversion import config, console, decoders, encoder, training
-from inversion.errors import UserError
 
 app = typer.Typer(add_completion=False)
 
@@ -19,9 +18,7 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
          describe: bool = typer.Option(False, "--describe", help="Print each decoder's layer table and exit.")):
     cfg = config.load(config_path, overrides)
     chosen = layers.split(",") if layers else cfg["layers"]
-    for layer in chosen:
-        if layer not in config.LAYERS:
-            raise UserError(f"--layers: unknown layer {layer!r} (known: {', '.join(config.LAYERS)})")
+    config.check_layers(cfg, chosen, "--layers")
     if describe:
         print_tables(cfg, chosen)
     else:
@@ -30,7 +27,7 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
 
 def print_tables(cfg, layers):
     """The architecture tables, read off the modules themselves (the README quotes this output)."""
-    shapes = encoder.feature_shapes(cfg["encoder.input_size"], layers)
+    shapes = encoder.feature_shapes(cfg["encoder.arch"], cfg["encoder.input_size"], layers)
     for layer in layers:
         model = decoders.Decoder(shapes[layer], cfg["decoder.width"])
         total = sum(p.numel() for p in model.parameters())

@@ -138,22 +138,24 @@ def _cached_step(features, images_u8, device, fused=True):
 
 def _online_step(layer, alexnet, images_u8, device, cfg):
     """Our decoder, but with AlexNet run inside the step instead of read from the cache."""
-    shape = encoder.feature_shapes(cfg["encoder.input_size"], [layer])[layer]
-    return _train_step(Decoder(shape), lambda: _tap(alexnet, images_u8, layer, cfg),
+    shape = encoder.feature_shapes("alexnet", cfg["encoder.input_size"], [layer])[layer]
+    return _train_step(Decoder(shape), _tap(alexnet, images_u8, layer, cfg),
                        lambda: training.to_target(images_u8), device)
 
 
 def _original_step(layer, alexnet, images_u8, device, cfg):
     """The original approach: AlexNet in the step, decoder and targets at 416 or 128 px."""
-    shape = encoder.feature_shapes(cfg["encoder.input_size"], [layer])[layer]
+    shape = encoder.feature_shapes("alexnet", cfg["encoder.input_size"], [layer])[layer]
     size = ORIGINAL_SIZE[layer]
     upscaled = lambda: F.interpolate(training.to_target(images_u8), size=(size, size), mode="bilinear",
                                      align_corners=False)
-    return _train_step(original_decoder(shape), lambda: _tap(alexnet, images_u8, layer, cfg), upscaled, device)
+    return _train_step(original_decoder(shape), _tap(alexnet, images_u8, layer, cfg), upscaled, device)
 
 
 def _tap(alexnet, images_u8, layer, cfg):
-    return encoder.taps(alexnet, encoder.preprocess(images_u8, cfg["encoder.input_size"]), [layer])[layer]
+    """AlexNet's forward to `layer`, traced once, as a function to run inside every step."""
+    taps = encoder.extractor(alexnet, "alexnet", [layer])
+    return lambda: taps(encoder.preprocess(images_u8, cfg["encoder.input_size"]))[layer]
 
 
 def original_decoder(shape):

@@ -12,7 +12,11 @@ import yaml
 
 from .errors import UserError
 
-LAYERS = ("conv2", "conv5", "fc6", "fc8")
+# AlexNet's eight layers and their torchvision graph nodes: after the ReLU, and after the
+# max-pool where one follows (fc8 = the logits). The README's table is this one.
+ALEXNET_NODES = {"conv1": "features.2", "conv2": "features.5", "conv3": "features.7", "conv4": "features.9",
+                 "conv5": "features.12", "fc6": "classifier.2", "fc7": "classifier.5", "fc8": "classifier.6"}
+LAYERS = ("conv2", "conv5", "fc6", "fc8")  # the mission's four: the default
 
 # key: (default, accepted types, extra check or None, what is expected). config.yaml holds the same defaults.
 _NUM = (int, float)
@@ -22,9 +26,11 @@ SCHEMA = {
     "split.num_classes": (20, int, lambda v: 1 <= v <= 200, "an integer in 1..200"),
     "split.eval_per_class": (50, int, lambda v: 1 <= v <= 50, "an integer in 1..50"),
     "split.train_per_class": (None, (int, type(None)), lambda v: v is None or 1 <= v <= 500, "null or an integer in 1..500"),
+    "encoder.arch": ("alexnet", str, lambda v: v != "", "a torchvision classifier name, e.g. alexnet, resnet18"),
     "encoder.weights": ("auto", str, lambda v: v != "", "auto, imagenet, random or a file path"),
     "encoder.input_size": (224, int, lambda v: 64 <= v <= 1024, "an integer in 64..1024"),
-    "layers": (list(LAYERS), list, lambda v: len(v) > 0 and all(x in LAYERS for x in v), f"a non-empty list of {', '.join(LAYERS)}"),
+    "layers": (list(LAYERS), list, lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v),
+               "`all` or a non-empty list of layer names"),
     "cache.dir": ("cache", str, None, "a folder path"),
     "cache.dtype": ("float16", str, lambda v: v in ("float16", "float32"), "float16 or float32"),
     "extract.batch_size": (64, int, lambda v: v >= 1, "an integer >= 1"),
@@ -46,7 +52,7 @@ SCHEMA = {
 
 # The settings that shape a feature cache; hashed into its file name.
 CACHE_KEYS = ("seed", "split.num_classes", "split.eval_per_class", "split.train_per_class",
-              "encoder.weights", "encoder.input_size", "layers", "cache.dtype")
+              "encoder.arch", "encoder.weights", "encoder.input_size", "layers", "cache.dtype")
 
 
 def defaults():
@@ -78,12 +84,33 @@ def load(path="config.yaml", overrides=()):
             cfg[key] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             raise UserError(f"--set {key}: cannot parse value {text!r}") from None
+    cfg["layers"] = _expand_all(cfg["layers"], cfg["encoder.arch"])
     for key, value in cfg.items():
         cfg[key] = _coerce(key, value)
         _validate(key, cfg[key])
     if len(set(cfg["layers"])) != len(cfg["layers"]):
         raise UserError(f"layers: repeated layer in {cfg['layers']}")
+    check_layers(cfg, cfg["layers"], "layers")
     return cfg
+
+
+def check_layers(cfg, layers, where):
+    """AlexNet's names are known here; other archs' node names are checked against their graph
+    when the encoder is built (that needs torchvision, which this module does not import)."""
+    if cfg["encoder.arch"] != "alexnet":
+        return
+    unknown = [x for x in layers if x not in ALEXNET_NODES]
+    if unknown:
+        raise UserError(f"{where}: unknown layer {unknown[0]!r} (known: {', '.join(ALEXNET_NODES)}, or all)")
+
+
+def _expand_all(layers, arch):
+    if layers != "all" and layers != ["all"]:
+        return layers
+    if arch != "alexnet":
+        raise UserError(f"layers: `all` is defined for alexnet only; list {arch}'s node names "
+                        f"(python extract_features.py --list-layers)")
+    return list(ALEXNET_NODES)
 
 
 def digest(obj):
@@ -125,9 +152,6 @@ def _validate(key, value):
     else:
         ok = isinstance(value, types) and (check is None or check(value))
     if not ok:
-        if key == "layers" and isinstance(value, list) and value:
-            unknown = [x for x in value if x not in LAYERS] or value
-            raise UserError(f"layers: unknown layer {unknown[0]!r} (known: {', '.join(LAYERS)})")
         raise UserError(f"config key {key}: invalid value {value!r} (expected {expected})")
 
 

@@ -1,16 +1,20 @@
-"""The inversion networks: one per AlexNet layer, after Dosovitskiy & Brox (CVPR 2016), Tables 7-8.
+"""The inversion networks, after Dosovitskiy & Brox (CVPR 2016), Tables 7-8, for any feature shape.
 
-Convolutional features: three 3x3 stride-1 convs, then 5x5 stride-2 up-convolutions.
-Fully connected features: three fc layers of 4096, reshape to 256x4x4, then up-convolutions.
+One rule builds a decoder for any (C, H, W) map or any vector, reconstructing a `out_size` image
+(a power of two):
+- Vectors, and maps smaller than 4x4 (flattened first): three fc layers of 4096, reshape to
+  256x4x4, then up-convolutions. The paper's fc decoders start from 4x4, so a 1x1 or 2x2 map has
+  no spatial layout worth keeping.
+- Maps of 4x4 and more: first, while the map is larger than half the output, a 3x3 stride-2
+  convolution halves it (VGG's early maps are 224x224; decoding them at full size would cost more
+  than the encoder); then three 3x3 stride-1 convolutions; then a bilinear resize to the next power
+  of two (13 -> 16, 6 -> 8, 27 -> 32); then up-convolutions.
+- Up-convolutions are 5x5 stride 2, each doubling the grid until `out_size`; their channels are the
+  paper's stack 256, 128, 64, 32 (halving on for longer stacks), first entries first, so the widest
+  layers sit next to the features; the last one outputs RGB.
 Leaky ReLU (0.2) after every layer but the last; the output is linear and predicts the image in
 [0, 1] (RGB, not normalised). `width` scales every conv channel count (0.5 = the mission's halved
-decoders; 1.0 = the paper's 256/128/64/32).
-
-Output at 64x64, Tiny ImageNet's native size: each up-convolution doubles the grid, so the grid
-must be a power of two. A conv layer's map (13x13 for conv2, 6x6 for conv5 at 224 input) is resized
-bilinearly to the next power of two (16, 8) after the three convs, which then needs 2 (conv2),
-3 (conv5) or 4 (fc, from 4x4) up-convolutions to reach 64. The up-convolution channels are the
-first ones of the paper's stack, so the widest layers sit next to the features.
+decoders; 1.0 = the paper's).
 """
 
 import math
@@ -21,33 +25,41 @@ from torch import nn
 OUT_SIZE = 64
 LEAK = 0.2
 FC_WIDTH = 4096
-CONV_CHANNELS = 256                     # the paper's, before `width`
-UCONV_CHANNELS = (256, 128, 64, 32)     # the paper's up-convolution stack before the RGB layer
+FC_GRID = 4                  # fc decoders reshape to 256 x FC_GRID x FC_GRID
+CONV_CHANNELS = 256          # the paper's, before `width`
+UCONV_FIRST = 256            # the paper's up-convolution stack starts here and halves: 256, 128, 64, 32
 
 
 class Decoder(nn.Sequential):
-    """Feature tensor (B, *in_shape) -> image (B, 3, 64, 64)."""
+    """Feature tensor (B, *in_shape) -> image (B, 3, out_size, out_size)."""
 
-    def __init__(self, in_shape, width=0.5):
+    def __init__(self, in_shape, width=0.5, out_size=OUT_SIZE):
+        if out_size < 2 * FC_GRID or out_size & (out_size - 1):
+            raise ValueError(f"out_size must be a power of two >= {2 * FC_GRID}, got {out_size}")
         layers = []
-        if len(in_shape) == 1:
-            size = in_features = in_shape[0]
+        if len(in_shape) == 1 or in_shape[1] * in_shape[2] < FC_GRID ** 2:
+            if len(in_shape) > 1:
+                layers.append(nn.Flatten())
+            in_features = math.prod(in_shape)
             for _ in range(3):
                 layers += [nn.Linear(in_features, FC_WIDTH), nn.LeakyReLU(LEAK)]
                 in_features = FC_WIDTH
-            layers.append(nn.Unflatten(1, (256, 4, 4)))
-            channels, grid = 256, 4
+            layers.append(nn.Unflatten(1, (FC_WIDTH // FC_GRID ** 2, FC_GRID, FC_GRID)))
+            channels, grid = FC_WIDTH // FC_GRID ** 2, FC_GRID
         else:
-            channels, size, _ = in_shape
+            channels, (h, w) = in_shape[0], in_shape[1:]
             conv = _scaled(CONV_CHANNELS, width)
+            while max(h, w) > out_size // 2:
+                layers += [nn.Conv2d(channels, conv, 3, stride=2, padding=1), nn.LeakyReLU(LEAK)]
+                channels, h, w = conv, (h + 1) // 2, (w + 1) // 2
             for _ in range(3):
                 layers += [nn.Conv2d(channels, conv, 3, padding=1), nn.LeakyReLU(LEAK)]
                 channels = conv
-            grid = 2 ** math.ceil(math.log2(size))
-            if grid != size:
+            grid = 2 ** math.ceil(math.log2(max(h, w)))
+            if (h, w) != (grid, grid):
                 layers.append(nn.Upsample(size=(grid, grid), mode="bilinear", align_corners=False))
-        steps = round(math.log2(OUT_SIZE / grid))
-        outs = [_scaled(c, width) for c in UCONV_CHANNELS[: steps - 1]] + [3]
+        steps = round(math.log2(out_size / grid))
+        outs = [_scaled(UCONV_FIRST // 2 ** i, width) for i in range(steps - 1)] + [3]
         for i, out in enumerate(outs):
             layers.append(nn.ConvTranspose2d(channels, out, 5, stride=2, padding=2, output_padding=1))
             if i < len(outs) - 1:
@@ -55,6 +67,7 @@ class Decoder(nn.Sequential):
             channels = out
         super().__init__(*layers)
         self.in_shape = tuple(in_shape)
+        self.out_size = out_size
         # Features arrive divided by one scalar (their RMS over the training split, set before
         # training) so every layer's decoder starts from inputs of unit scale.
         self.register_buffer("input_scale", torch.ones(()))
@@ -77,7 +90,7 @@ def describe(decoder):
             name, *rest = rows[-1]
             rows[-1] = (name + " + lrelu", *rest)
             continue
-        kind = {nn.Linear: "fc", nn.Conv2d: "conv", nn.ConvTranspose2d: "uconv",
+        kind = {nn.Linear: "fc", nn.Conv2d: "conv", nn.ConvTranspose2d: "uconv", nn.Flatten: "flatten",
                 nn.Unflatten: "reshape", nn.Upsample: "resize"}[type(module)]
         kernel = module.kernel_size[0] if hasattr(module, "kernel_size") else ""
         stride = module.stride[0] if hasattr(module, "stride") else ""

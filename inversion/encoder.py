@@ -1,50 +1,70 @@
-"""The frozen AlexNet: how its weights are found, how images are prepared, where we tap it.
+"""The frozen encoder: which torchvision classifier, how its weights are found, how images are
+prepared, and where it is tapped.
 
 Preprocessing is spelled out exactly so anyone can recompute the cached features:
-RGB uint8 64x64 -> float in [0, 1] -> bilinear resize to input_size (align_corners=False)
--> ImageNet mean/std normalisation.
+RGB uint8 SxS -> float in [0, 1] -> bilinear resize to input_size (align_corners=False)
+-> normalisation with the mean/std of the arch's ImageNet weights.
+
+Tap points are data (graph node names), not code: torchvision's `feature_extraction` turns the
+model into one graph that returns every requested node from a single forward pass.
 """
 
+import difflib
+import functools
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision.models import AlexNet_Weights
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from .config import ALEXNET_NODES
 from .errors import UserError
 
 PREPROCESS_VERSION = 1  # bump when preprocessing changes: it is part of every cache's hash
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-IMAGENET = AlexNet_Weights.IMAGENET1K_V1
 
 
-def hub_checkpoint():
-    """Where torchvision's standard loader keeps (and looks for) the ImageNet weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET.url).name
+def classifiers():
+    """Every image-classification model torchvision can build (its top-level `models` namespace)."""
+    return torchvision.models.list_models(module=torchvision.models)
 
 
-def load(weights="auto", seed=0):
-    """(frozen AlexNet in eval mode, identity dict). The identity travels with every artifact."""
+def imagenet_weights(arch):
+    """The arch's DEFAULT ImageNet weights enum (metadata only: nothing is downloaded here)."""
+    if arch not in classifiers():
+        close = difflib.get_close_matches(arch, classifiers(), n=3)
+        raise UserError(f"encoder.arch: unknown torchvision classifier {arch!r}"
+                        f"{' (nearest: ' + ', '.join(close) + ')' if close else ''}")
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+def hub_checkpoint(arch="alexnet"):
+    """Where torchvision's standard loader keeps (and looks for) the arch's ImageNet weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet_weights(arch).url).name
+
+
+def load(arch="alexnet", weights="auto", seed=0):
+    """(frozen model in eval mode, identity dict). The identity travels with every artifact."""
     from .console import warn
 
+    default = imagenet_weights(arch)
     if weights == "random":
-        return _random(seed)
+        return _random(arch, seed)
     if weights in ("imagenet", "auto"):
         try:
-            state = IMAGENET.get_state_dict(progress=False)
+            state = default.get_state_dict(progress=False)
         except Exception as e:  # no file, no network: torchvision raises URLError, OSError, ...
             if weights == "auto":
-                warn(f"ImageNet AlexNet weights unavailable ({type(e).__name__}); using a RANDOM-INIT "
-                     f"encoder (seed {seed}). Results will NOT show what a pretrained AlexNet keeps. "
-                     f"Put {Path(IMAGENET.url).name} at {hub_checkpoint()} to use the real weights.")
-                return _random(seed)
-            raise UserError(f"encoder.weights=imagenet: cannot load {IMAGENET} ({type(e).__name__}); "
-                            f"download {IMAGENET.url} to {hub_checkpoint()}") from None
-        identity = {"kind": "imagenet", "name": f"AlexNet_Weights.{IMAGENET.name}",
-                    "sha256": _sha256(hub_checkpoint()) if hub_checkpoint().is_file() else None}
+                warn(f"ImageNet {arch} weights unavailable ({type(e).__name__}); using a RANDOM-INIT "
+                     f"encoder (seed {seed}). Results will NOT show what a pretrained {arch} keeps. "
+                     f"Put {hub_checkpoint(arch).name} at {hub_checkpoint(arch)} to use the real weights.")
+                return _random(arch, seed)
+            raise UserError(f"encoder.weights=imagenet: cannot load {default} ({type(e).__name__}); "
+                            f"download {default.url} to {hub_checkpoint(arch)}") from None
+        identity = {"arch": arch, "kind": "imagenet", "name": f"{type(default).__name__}.{default.name}",
+                    "sha256": _sha256(hub_checkpoint(arch)) if hub_checkpoint(arch).is_file() else None}
     else:
         path = Path(weights)
         if not path.is_file():
@@ -53,32 +73,33 @@ def load(weights="auto", seed=0):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"encoder.weights: cannot read {path} as a state_dict ({type(e).__name__})") from None
-        identity = {"kind": "file", "path": str(path), "sha256": _sha256(path)}
-    model = torchvision.models.alexnet()
+        identity = {"arch": arch, "kind": "file", "path": str(path), "sha256": _sha256(path)}
+    model = _build(arch)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()
-        raise UserError(f"encoder.weights: {weights} does not fit torchvision's AlexNet "
+        raise UserError(f"encoder.weights: {weights} does not fit torchvision's {arch} "
                         f"({first[1].strip() if len(first) > 1 else first[0]})") from None
     return _freeze(model), identity
 
 
 def describe(identity):
     """One line for logs and figure titles; random weights are never passed off as pretrained."""
+    arch = _display(identity.get("arch", "alexnet"))
     if identity["kind"] == "random":
-        return f"AlexNet random init, not ImageNet-pretrained (seed {identity['seed']})"
+        return f"{arch} random init, not ImageNet-pretrained (seed {identity['seed']})"
     if identity["kind"] == "imagenet":
         sha = identity.get("sha256")
-        return f"AlexNet ImageNet-pretrained ({identity['name']}{', sha256 ' + sha[:12] if sha else ''})"
-    return f"AlexNet weights from {identity['path']} (sha256 {identity['sha256'][:12]})"
+        return f"{arch} ImageNet-pretrained ({identity['name']}{', sha256 ' + sha[:12] if sha else ''})"
+    return f"{arch} weights from {identity['path']} (sha256 {identity['sha256'][:12]})"
 
 
 def reload(identity):
     """The encoder a cache was built with, or None where it cannot be had again (file gone or changed)."""
     weights = {"random": "random", "imagenet": "imagenet"}.get(identity["kind"], identity.get("path"))
     try:
-        model, again = load(weights, seed=identity.get("seed", 0))
+        model, again = load(identity.get("arch", "alexnet"), weights, seed=identity.get("seed", 0))
     except UserError:
         return None
     return model if again == identity else None
@@ -88,47 +109,115 @@ def is_pretrained(identity):
     return identity["kind"] != "random"
 
 
-def preprocess(images_uint8, input_size):
-    """(B, 64, 64, 3) uint8 -> (B, 3, S, S) normalised float, exactly as documented above."""
+@functools.cache
+def normalisation(arch):
+    """(mean, std) from the arch's own ImageNet transforms, so features match what it was trained on."""
+    transforms = imagenet_weights(arch).transforms()
+    return tuple(transforms.mean), tuple(transforms.std)
+
+
+def preprocess(images_uint8, input_size, arch="alexnet"):
+    """(B, S, S, 3) uint8 -> (B, 3, input_size, input_size) normalised float, as documented above."""
     x = images_uint8.permute(0, 3, 1, 2).float().div_(255)
     x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = normalisation(arch)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def taps(model, x, layers):
-    """All requested activations from one forward pass.
-
-    conv2 = features[:6] (ReLU + max-pool), conv5 = features (ReLU + max-pool),
-    fc6 = classifier[:3] after avgpool + flatten (ReLU), fc8 = logits.
-    """
-    out = {}
-    h = model.features[:6](x)
-    out["conv2"] = h
-    h = model.features[6:](h)
-    out["conv5"] = h
-    if "fc6" in layers or "fc8" in layers:
-        h = torch.flatten(model.avgpool(h), 1)
-        h = model.classifier[:3](h)
-        out["fc6"] = h
-        out["fc8"] = model.classifier[3:](h)
-    return {name: out[name] for name in layers}
+def nodes(arch, layers):
+    """{layer: graph node}. AlexNet's layer names map through the README's table; other archs'
+    layers are node names already (a module name such as `layer2` means its last node)."""
+    if arch == "alexnet":
+        return {layer: ALEXNET_NODES.get(layer, layer) for layer in layers}
+    return {layer: layer for layer in layers}
 
 
-def feature_shapes(input_size, layers):
+def extractor(model, arch, layers):
+    """A graph module returning {layer: activation} for every layer from one forward pass."""
+    wanted = nodes(arch, layers)
+    _check_nodes(model, wanted)
+    return create_feature_extractor(model, return_nodes={node: layer for layer, node in wanted.items()},
+                                    suppress_diff_warning=True)
+
+
+def feature_shapes(arch, input_size, layers):
     """Per-layer activation shape (without batch), from a weightless forward on the meta device."""
+    out = _probe(arch, input_size, layers)
+    bad = [layer for layer in layers if not isinstance(out[layer], torch.Tensor)]
+    if bad:
+        raise UserError(f"layers: node {bad[0]!r} of {arch} outputs {type(out[bad[0]]).__name__}, not one "
+                        f"tensor; pick another (python extract_features.py --list-layers)")
+    return {layer: tuple(out[layer].shape[1:]) for layer in layers}
+
+
+def list_nodes(arch, input_size):
+    """[(node, output shape or a note)] for every node of the arch's eval graph, in network order."""
+    out = _probe(arch, input_size)
+    return [(name, tuple(value.shape[1:]) if isinstance(value, torch.Tensor)
+             else f"not one tensor ({type(value).__name__})") for name, value in out.items()]
+
+
+def _probe(arch, input_size, layers=None):
+    """{layer or node: output} of one forward of an unweighted model: on the meta device (no memory,
+    no compute) where the arch can be built there, else on the CPU."""
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = _build(arch).eval()
+                x = torch.zeros(1, 3, input_size, input_size)
+        except NotImplementedError:  # an init that copies data (e.g. regnet) cannot run on meta
+            continue
+        with torch.no_grad():
+            if layers is not None:
+                return extractor(model, arch, layers)(x)
+            names = _graph_nodes(model)[1:]  # without the input placeholder
+            return create_feature_extractor(model, return_nodes=names, suppress_diff_warning=True)(x)
+
+
+def network_order(arch, layers):
+    """`layers` sorted by where they sit in the forward pass (the figures' column order)."""
     with torch.device("meta"):
-        model = torchvision.models.alexnet().eval()
-        x = torch.empty(1, 3, input_size, input_size)
-        return {name: tuple(t.shape[1:]) for name, t in taps(model, x, layers).items()}
+        graph = _graph_nodes(_build(arch).eval())
+    wanted = nodes(arch, layers)
+
+    def position(layer):  # a module name stands where its last node does
+        node = wanted[layer]
+        return max((i for i, name in enumerate(graph) if name == node or name.startswith(node + ".")),
+                   default=len(graph))
+    return sorted(layers, key=position)
 
 
-def _random(seed):
+def _check_nodes(model, wanted):
+    known = _graph_nodes(model)
+    modules = {".".join(n.split(".")[:k]) for n in known for k in range(1, n.count(".") + 1)}
+    for layer, node in wanted.items():
+        if node not in known and node not in modules:
+            close = difflib.get_close_matches(node, known + sorted(modules), n=3, cutoff=0.5)
+            raise UserError(f"layers: {node!r} is not a node of {type(model).__name__}"
+                            f"{' (nearest: ' + ', '.join(close) + ')' if close else ''}; "
+                            f"see python extract_features.py --list-layers")
+
+
+def _graph_nodes(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # train/eval graph differences: we always run in eval mode
+        return get_graph_node_names(model)[1]
+
+
+def _build(arch):
+    imagenet_weights(arch)  # a clear error for an unknown arch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. googlenet's note about its init scheme
+        return torchvision.models.get_model(arch)
+
+
+def _random(arch, seed):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = torchvision.models.alexnet()
-    return _freeze(model), {"kind": "random", "seed": seed}
+        model = _build(arch)
+    return _freeze(model), {"arch": arch, "kind": "random", "seed": seed}
 
 
 def _freeze(model):
@@ -136,6 +225,10 @@ def _freeze(model):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _display(arch):
+    return "AlexNet" if arch == "alexnet" else arch
 
 
 def _sha256(path):

@@ -1,4 +1,4 @@
-"""Stage one: images -> frozen AlexNet -> feature cache. Runs once per config."""
+"""Stage one: images -> frozen encoder -> feature cache. Runs once per config."""
 
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -21,15 +21,18 @@ def extract(cfg):
 def prepare(cfg):
     """Everything before the forward passes: split, encoder, cache identity, and whether it exists."""
     with Timer() as timer:
+        # The encoder and its layers first: a typo in a node name should not wait for the data.
+        shapes = encoder.feature_shapes(cfg["encoder.arch"], cfg["encoder.input_size"], cfg["layers"])
         dataset = data.TinyImageNet(data.locate(cfg["data.path"]))
         split = data.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
                                 cfg["split.eval_per_class"], cfg["split.train_per_class"])
         _show_classes(split, cfg["seed"])
-        model, identity = encoder.load(cfg["encoder.weights"], cfg["seed"])
+        model, identity = encoder.load(cfg["encoder.arch"], cfg["encoder.weights"], cfg["seed"])
         console.print(f"encoder: {encoder.describe(identity)}")
         sources = {"data": split.fingerprint(dataset), "encoder": identity,
                    "preprocess": encoder.PREPROCESS_VERSION}
-        attrs = feature_cache.make_attrs(cfg, sources, identity, split.wnids, split.names, runtime.versions())
+        layers = encoder.network_order(cfg["encoder.arch"], cfg["layers"])
+        attrs = feature_cache.make_attrs(cfg, sources, identity, split.wnids, split.names, runtime.versions(), layers)
         path = feature_cache.path_for(cfg)
         existing = feature_cache.read_attrs(path) if path.exists() else None
         hit = bool(existing) and existing["cache_hash"] == attrs["cache_hash"]
@@ -37,22 +40,22 @@ def prepare(cfg):
         console.print(f"cache hit: {path} ({path.stat().st_size / 2**20:,.1f} MiB, checked in {timer.seconds:.1f} s)")
     elif existing:
         warn(f"{path} was built from other data, encoder or preprocessing; rebuilding it")
-    return SimpleNamespace(dataset=dataset, split=split, model=model, attrs=attrs, path=path, hit=hit)
+    return SimpleNamespace(dataset=dataset, split=split, model=model, shapes=shapes, attrs=attrs, path=path, hit=hit)
 
 
 def build(cfg, job):
-    """Run AlexNet over the split and write the cache (resuming a `.partial` one)."""
-    dataset, split, model, attrs, path = job.dataset, job.split, job.model, job.attrs, job.path
+    """Run the encoder over the split and write the cache (resuming a `.partial` one)."""
+    dataset, split, model, shapes, attrs, path = job.dataset, job.split, job.model, job.shapes, job.attrs, job.path
     device = runtime.pick_device(cfg["device"])
-    model = model.to(device)
-    layers = cfg["layers"]
-    shapes = encoder.feature_shapes(cfg["encoder.input_size"], layers)
+    arch, layers = cfg["encoder.arch"], cfg["layers"]
+    taps = encoder.extractor(model, arch, layers).to(device)
     meta = {name: ([label for _, label in items], [split.wnids[label] for _, label in items],
                    [dataset.root + member for member, _ in items])
             for name, items in (("train", split.train), ("eval", split.eval))}
     writer = feature_cache.Writer(path, attrs, meta, shapes, cfg["cache.dtype"])
     dtype = getattr(torch, cfg["cache.dtype"])
     total = len(split.train) + len(split.eval)
+    _show_size(shapes, total, cfg["cache.dtype"])
     done_before = writer.done("train") + writer.done("eval")
     if done_before:
         console.print(f"resuming {writer.partial}: {done_before:,} of {total:,} images already extracted")
@@ -70,7 +73,7 @@ def build(cfg, job):
                     images = pending.result()
                     if i + 1 < len(starts):  # decode the next batch while AlexNet runs on this one
                         pending = pool.submit(decode, starts[i + 1])
-                    features = forward(model, images, cfg["encoder.input_size"], layers, device, dtype)
+                    features = forward(taps, images, cfg["encoder.input_size"], arch, device, dtype)
                     writer.write(name, start, images, features)
                     bar.update(task, advance=len(images),
                                rate=rate_text(bar.tasks[0].completed - done_before, timer.seconds, "img"))
@@ -89,10 +92,18 @@ def build(cfg, job):
 
 
 @torch.inference_mode()
-def forward(model, images, input_size, layers, device, dtype=torch.float32):
-    """uint8 images (B, 64, 64, 3) -> {layer: numpy features}, cast on the device before the copy."""
-    x = encoder.preprocess(torch.from_numpy(images).to(device, non_blocking=True), input_size)
-    return {k: v.to(dtype).cpu().numpy() for k, v in encoder.taps(model, x, layers).items()}
+def forward(taps, images, input_size, arch, device, dtype=torch.float32):
+    """uint8 images (B, S, S, 3) -> {layer: numpy features}, cast on the device before the copy."""
+    x = encoder.preprocess(torch.from_numpy(images).to(device, non_blocking=True), input_size, arch)
+    return {k: v.to(dtype).cpu().numpy() for k, v in taps(x).items()}
+
+
+def _show_size(shapes, images, dtype):
+    """Say what the cache will cost before spending it: `layers=all` is eight times the features."""
+    per_image = {layer: feature_cache.layer_bytes(shape, dtype) for layer, shape in shapes.items()}
+    total = feature_cache.expected_bytes(shapes, images, dtype)
+    console.print("cache size: " + ", ".join(f"{layer} {b / 1024:,.1f} KiB" for layer, b in per_image.items())
+                  + f" per image; {images:,} images -> {total / 2**20:,.1f} MiB", soft_wrap=True)
 
 
 def _show_classes(split, seed):

@@ -105,12 +105,23 @@ class Writer:
         return f
 
 
+def layer_bytes(shape, dtype):
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def expected_bytes(shapes, n_images, dtype, image_size=64):
+    """The features and images of `n_images` (labels and names are noise next to them)."""
+    per_image = sum(layer_bytes(shape, dtype) for shape in shapes.values()) + image_size * image_size * 3
+    return per_image * n_images
+
+
 def _chunks(n, shape, itemsize):
     per_sample = int(np.prod(shape)) * itemsize
     return (max(1, min(n, CHUNK_BYTES // per_sample)), *shape)
 
 
-def make_attrs(cfg, sources, encoder_identity, wnids, names, versions):
+def make_attrs(cfg, sources, encoder_identity, wnids, names, versions, layers):
+    """`layers` in network order: figures and reports put their columns in this order."""
     return {
         "format_version": FORMAT_VERSION,
         "config_hash": config_hash(cfg),
@@ -120,7 +131,7 @@ def make_attrs(cfg, sources, encoder_identity, wnids, names, versions):
         "encoder": json.dumps(encoder_identity, sort_keys=True),
         "class_wnids": json.dumps(wnids),
         "class_names": json.dumps(names),
-        "layers": json.dumps(cfg["layers"]),
+        "layers": json.dumps(layers),
         "versions": json.dumps(versions, sort_keys=True),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

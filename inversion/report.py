@@ -16,7 +16,9 @@ def render(cfg, layers=None, num_images=None):
     with Timer() as timer:
         cache = feature_cache.open_for(cfg)
         with cache:
-            result = _render(cfg, cache, layers or cfg["layers"], num_images or cfg["render.num_images"])
+            order = cache.attrs["layers"]  # network order: the figures' columns read left to right, shallow to deep
+            chosen = sorted(layers or cfg["layers"], key=lambda l: order.index(l) if l in order else len(order))
+            result = _render(cfg, cache, chosen, num_images or cfg["render.num_images"])
     summary("rendered", len(result["files"]), timer.seconds, "files", f"into {cfg['output.dir']}")
     return result
 
@@ -121,7 +123,7 @@ def _baselines(cache, originals, labels, normaliser, chunk=2048):
 
 
 def _top1(cfg, identity, images, recon, device, batch=128):
-    """Share of reconstructions that AlexNet puts in the same ImageNet class as their original."""
+    """Share of reconstructions that the encoder puts in the same ImageNet class as their original."""
     if _top1_reason(cfg, identity):
         return {}
     model = encoder.reload(identity)
@@ -134,7 +136,7 @@ def _top1(cfg, identity, images, recon, device, batch=128):
         with torch.inference_mode():
             return torch.cat([
                 model(encoder.preprocess(torch.from_numpy(uint8_images[s:s + batch]).to(device),
-                                         cfg["encoder.input_size"])).argmax(1).cpu()
+                                         cfg["encoder.input_size"], identity["arch"])).argmax(1).cpu()
                 for s in range(0, len(uint8_images), batch)])
 
     reference = classes(images)

@@ -79,3 +79,41 @@ def test_describe_prints_four_tables_without_a_cache(cfg_file):
     assert result.exit_code == 0
     for layer in ("conv2", "conv5", "fc6", "fc8"):
         assert f"{layer} decoder (input" in result.output
+
+
+def test_list_layers_prints_nodes_with_shapes_and_exits(cfg_file, tmp_path):
+    result = invoke("extract_features", "--config", cfg_file, "--list-layers")
+    assert result.exit_code == 0 and not (tmp_path / "cache").exists()
+    row = next(line for line in result.output.splitlines() if "features.5" in line)
+    assert "conv2" in row and "192x13x13" in row and "64,896" in row  # float16 bytes per image
+    result = invoke("extract_features", "--config", cfg_file, "--list-layers", "--set", "encoder.arch=resnet18",
+                    "--set", "encoder.input_size=64")
+    assert result.exit_code == 0 and any("layer4.1.relu_1" in l and "512x2x2" in l for l in result.output.splitlines())
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--set", "encoder.arch=resnet19"], "nearest: resnet18"),
+    (["--set", "encoder.arch=resnet18", "--set", "layers=[layer9]"], "'layer9' is not a node"),
+    (["--set", "encoder.arch=resnet18", "--set", "layers=all"], "`all` is defined for alexnet only"),
+    (["--set", "encoder.arch=shufflenet_v2_x0_5", "--set", "layers=[stage2.0.size]"], "not one tensor"),
+])
+def test_bad_arch_and_nodes(cfg_file, tmp_path, args, fragment):
+    one_line_error(invoke("extract_features", "--config", cfg_file, *args), fragment)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_all_eight_alexnet_layers_end_to_end(cfg_file, tmp_path):
+    """The issue's done-when on the tiny data: every layer extracted, trained, and a grid column each."""
+    from PIL import Image
+
+    from inversion import figures
+
+    common = ["--config", cfg_file, "--set", "layers=all", "--set", "train.epochs=1"]
+    assert invoke("extract_features", *common).exit_code == 0
+    assert invoke("train_decoders", *common).exit_code == 0
+    assert invoke("render", *common, "--num-images", "2").exit_code == 0
+    import json
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(metrics["layers"]) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+    with Image.open(tmp_path / "out" / "reconstructions.png") as im:
+        assert im.size == figures.pixel_size(figures.comparison_inches(2, 9))  # original + eight layers

@@ -1,20 +1,23 @@
 import pytest
 import torch
 
-from inversion import decoders, encoder
+from inversion import config, decoders, encoder
 
-SHAPES = encoder.feature_shapes(224, ["conv2", "conv5", "fc6", "fc8"])
+SHAPES = encoder.feature_shapes("alexnet", 224, list(config.ALEXNET_NODES))
+ODD_SHAPES = {"1x1 map": (2048, 1, 1), "2x2 map": (512, 2, 2), "224x224 map": (64, 224, 224),
+              "7x7 map": (512, 7, 7), "vector 10": (10,), "vector 4096": (4096,)}
 
 
-@pytest.mark.parametrize("layer", list(SHAPES))
+@pytest.mark.parametrize("shape", list(SHAPES.values()) + list(ODD_SHAPES.values()),
+                         ids=list(SHAPES) + list(ODD_SHAPES))
 @pytest.mark.parametrize("width", [0.5, 0.25])
-def test_each_decoder_maps_its_features_to_64px_rgb(layer, width):
-    model = decoders.Decoder(SHAPES[layer], width)
-    out = model(torch.randn(2, *SHAPES[layer]))
+def test_each_decoder_maps_its_features_to_64px_rgb(shape, width):
+    model = decoders.Decoder(shape, width)
+    out = model(torch.randn(2, *shape))
     assert out.shape == (2, 3, 64, 64)
     rows = decoders.describe(model)
     assert sum(r[-1] for r in rows) == sum(p.numel() for p in model.parameters())
-    assert rows[0][3:5] == (SHAPES[layer][0], "x".join(map(str, SHAPES[layer][1:])) or "1")
+    assert rows[0][3:5] == (shape[0], "x".join(map(str, shape[1:])) or "1")
     assert rows[-1][0] == "uconv" and rows[-1][3:5] == (3, "64x64")  # linear output layer
     assert all(r[0].endswith("+ lrelu") for r in rows if r[0] in ("conv + lrelu", "fc + lrelu"))
     assert sum(isinstance(m, torch.nn.LeakyReLU) for m in model) == sum("lrelu" in r[0] for r in rows)
@@ -37,3 +40,32 @@ def test_input_scale_divides_the_features():
     model.input_scale.fill_(2.0)
     assert torch.allclose(model(2 * x), reference, atol=1e-6)
     assert "input_scale" in model.state_dict()
+
+
+def test_the_mission_decoders_are_unchanged():
+    """The four decoders of the landed pipeline, by parameter count and layer list."""
+    params = {layer: sum(p.numel() for p in decoders.Decoder(SHAPES[layer]).parameters())
+              for layer in config.LAYERS}
+    assert params == {"conv2": 935_811, "conv5": 1_209_603, "fc6": 51_421_763, "fc8": 38_740_547}
+    kinds = [r[0] for r in decoders.describe(decoders.Decoder(SHAPES["conv2"]))]
+    assert kinds == ["input", *["conv + lrelu"] * 3, "resize", "uconv + lrelu", "uconv"]
+
+
+def test_the_rule_for_large_small_and_flat_maps():
+    big = decoders.describe(decoders.Decoder((64, 224, 224)))
+    assert [(r[2], r[4]) for r in big if r[0].startswith("conv")][:3] == [(2, "112x112"), (2, "56x56"), (2, "28x28")]
+    assert [r[4] for r in big if r[0] == "resize"] == ["32x32"]
+    for shape in ((2048, 1, 1), (512, 2, 2)):
+        kinds = [r[0] for r in decoders.describe(decoders.Decoder(shape))]
+        assert kinds[1:5] == ["flatten", "fc + lrelu", "fc + lrelu", "fc + lrelu"]
+    no_resize = [r[0] for r in decoders.describe(decoders.Decoder((64, 16, 16)))]
+    assert "resize" not in no_resize and no_resize.count("uconv + lrelu") == 1
+
+
+@pytest.mark.parametrize("out_size, uconvs", [(32, 3), (128, 5), (256, 6)])
+def test_larger_outputs_add_up_convolutions(out_size, uconvs):
+    model = decoders.Decoder(SHAPES["fc6"], out_size=out_size)
+    assert model(torch.randn(1, 4096)).shape == (1, 3, out_size, out_size)
+    assert sum(r[0].startswith("uconv") for r in decoders.describe(model)) == uconvs
+    with pytest.raises(ValueError, match="power of two"):
+        decoders.Decoder(SHAPES["fc6"], out_size=100)

@@ -20,7 +20,8 @@ def test_cache_holds_split_and_features_equal_a_direct_forward(built, tiny_zip):
     cfg, path = built
     ds = data.TinyImageNet(tiny_zip)
     split = data.make_split(ds, cfg["seed"], 3, 2, 6)
-    model, identity = encoder.load("random", cfg["seed"])
+    model, identity = encoder.load("alexnet", "random", cfg["seed"])
+    taps = encoder.extractor(model, "alexnet", cfg["layers"])
     with feature_cache.open_for(cfg, cfg["layers"]) as cache:
         assert cache.attrs["class_wnids"] == split.wnids and cache.attrs["encoder"] == identity
         assert cache.attrs["config_hash"] in path.name and cache.attrs["complete"]
@@ -30,7 +31,7 @@ def test_cache_holds_split_and_features_equal_a_direct_forward(built, tiny_zip):
             assert (cache.load(name, "images") == images).all()
             assert list(cache.load(name, "labels")) == [label for _, label in items]
             assert [p.decode() for p in cache.load(name, "paths")] == [ds.root + m for m, _ in items]
-            direct = extraction.forward(model, images, 224, cfg["layers"], torch.device("cpu"))
+            direct = extraction.forward(taps, images, 224, "alexnet", torch.device("cpu"))
             for layer in cfg["layers"]:
                 np.testing.assert_allclose(cache.load(name, layer), direct[layer], rtol=1e-5, atol=1e-5)
 
@@ -122,3 +123,21 @@ def test_stream_yields_every_sample_once_in_shuffled_order(tmp_path):
         assert sorted(seen) == list(range(103)) and list(seen) != list(range(103))
         assert all(len(by) == 8 for _, by in batches[:-1])
         assert all((bx[:, 0] == 2 * by).all() for bx, by in batches)
+
+
+def test_any_classifier_caches_its_nodes_as_named_datasets(tiny_zip, tmp_path):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    cfg = make_cfg(tmp_path, tiny_zip, "encoder.arch=resnet18", "layers=[fc, layer2]", "encoder.input_size=64",
+                   "cache.dtype=float32")
+    path = extraction.extract(cfg)
+    model, identity = encoder.load("resnet18", "random", cfg["seed"])
+    reference = create_feature_extractor(model, ["layer2", "fc"])
+    with feature_cache.open_for(cfg, ["layer2", "fc"]) as cache:
+        assert cache.attrs["encoder"] == identity and cache.attrs["layers"] == ["layer2", "fc"]  # network order
+        images = torch.from_numpy(cache.load("eval", "images"))
+        with torch.no_grad():
+            direct = reference(encoder.preprocess(images, 64, "resnet18"))
+        for layer in ("layer2", "fc"):
+            np.testing.assert_allclose(cache.load("eval", layer), direct[layer].numpy(), rtol=1e-5, atol=1e-5)
+    assert feature_cache.path_for(cfg) == path != feature_cache.path_for(dict(cfg, **{"encoder.arch": "alexnet"}))
