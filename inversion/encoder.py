@@ -57,8 +57,8 @@ def load(arch="alexnet", weights="auto", seed=0):
             state = default.get_state_dict(progress=False)
         except Exception as e:  # no file, no network: torchvision raises URLError, OSError, ...
             if weights == "auto":
-                warn(f"ImageNet {arch} weights unavailable ({type(e).__name__}); using a RANDOM-INIT "
-                     f"encoder (seed {seed}). Results will NOT show what a pretrained {arch} keeps. "
+                warn(f"ImageNet {_display(arch)} weights unavailable ({type(e).__name__}); using a RANDOM-INIT "
+                     f"encoder (seed {seed}). Results will NOT show what a pretrained {_display(arch)} keeps. "
                      f"Put {hub_checkpoint(arch).name} at {hub_checkpoint(arch)} to use the real weights.")
                 return _random(arch, seed)
             raise UserError(f"encoder.weights=imagenet: cannot load {default} ({type(e).__name__}); "
