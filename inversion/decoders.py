@@ -6,17 +6,21 @@ Leaky ReLU (0.2) after every layer but the last; the output is linear and predic
 [0, 1] (RGB, not normalised). `width` scales every conv channel count (0.5 = the mission's halved
 decoders; 1.0 = the paper's 256/128/64/32).
 
-Output at 64x64, Tiny ImageNet's native size: each up-convolution doubles the grid, so the grid
-must be a power of two. A conv layer's map (13x13 for conv2, 6x6 for conv5 at 224 input) is resized
-bilinearly to the next power of two (16, 8) after the three convs, which then needs 2 (conv2),
-3 (conv5) or 4 (fc, from 4x4) up-convolutions to reach 64. The up-convolution channels are the
-first ones of the paper's stack, so the widest layers sit next to the features.
+Output at `out_size` (data.image_size; 64 = Tiny ImageNet's native size): each up-convolution
+doubles the grid, so the grid and out_size must be powers of two. A conv layer's map (13x13 for
+conv2, 6x6 for conv5 at 224 input) is resized bilinearly to the next power of two (16, 8) after the
+three convs; then log2(out_size / grid) up-convolutions follow: at 64, 2 (conv2), 3 (conv5) or
+4 (fc, from 4x4); one more per doubling. The up-convolution channels are the first ones of the
+paper's stack, so the widest layers sit next to the features; where more are needed than the
+paper's four, the stack goes on halving (256, 128, 64, 32, 16, 8, ...).
 """
 
 import math
 
 import torch
 from torch import nn
+
+from .errors import UserError
 
 OUT_SIZE = 64
 LEAK = 0.2
@@ -26,9 +30,9 @@ UCONV_CHANNELS = (256, 128, 64, 32)     # the paper's up-convolution stack befor
 
 
 class Decoder(nn.Sequential):
-    """Feature tensor (B, *in_shape) -> image (B, 3, 64, 64)."""
+    """Feature tensor (B, *in_shape) -> image (B, 3, out_size, out_size)."""
 
-    def __init__(self, in_shape, width=0.5):
+    def __init__(self, in_shape, width=0.5, out_size=OUT_SIZE):
         layers = []
         if len(in_shape) == 1:
             size = in_features = in_shape[0]
@@ -46,8 +50,14 @@ class Decoder(nn.Sequential):
             grid = 2 ** math.ceil(math.log2(size))
             if grid != size:
                 layers.append(nn.Upsample(size=(grid, grid), mode="bilinear", align_corners=False))
-        steps = round(math.log2(OUT_SIZE / grid))
-        outs = [_scaled(c, width) for c in UCONV_CHANNELS[: steps - 1]] + [3]
+        steps = round(math.log2(out_size / grid))
+        if steps < 1:
+            raise UserError(f"data.image_size {out_size} is not above the {grid}x{grid} grid of a "
+                            f"{'x'.join(map(str, in_shape))} feature map; raise it or lower encoder.input_size")
+        stack = list(UCONV_CHANNELS)
+        while len(stack) < steps - 1:
+            stack.append(stack[-1] // 2)
+        outs = [_scaled(c, width) for c in stack[: steps - 1]] + [3]
         for i, out in enumerate(outs):
             layers.append(nn.ConvTranspose2d(channels, out, 5, stride=2, padding=2, output_padding=1))
             if i < len(outs) - 1:

@@ -1,7 +1,7 @@
 """The frozen AlexNet: how its weights are found, how images are prepared, where we tap it.
 
 Preprocessing is spelled out exactly so anyone can recompute the cached features:
-RGB uint8 64x64 -> float in [0, 1] -> bilinear resize to input_size (align_corners=False)
+RGB uint8 SxS (data.image_size) -> float in [0, 1] -> bilinear resize to input_size (align_corners=False)
 -> ImageNet mean/std normalisation.
 """
 
@@ -89,7 +89,7 @@ def is_pretrained(identity):
 
 
 def preprocess(images_uint8, input_size):
-    """(B, 64, 64, 3) uint8 -> (B, 3, S, S) normalised float, exactly as documented above."""
+    """(B, H, W, 3) uint8 -> (B, 3, S, S) normalised float, exactly as documented above."""
     x = images_uint8.permute(0, 3, 1, 2).float().div_(255)
     x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)

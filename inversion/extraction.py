@@ -21,14 +21,15 @@ def extract(cfg):
 def prepare(cfg):
     """Everything before the forward passes: split, encoder, cache identity, and whether it exists."""
     with Timer() as timer:
-        dataset = data.TinyImageNet(data.locate(cfg["data.path"]))
+        dataset = data.open_dataset(data.locate(cfg["data.path"], cfg["data.format"]), cfg["data.format"])
+        console.print(f"data: {dataset.describe()}")
         split = data.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
                                 cfg["split.eval_per_class"], cfg["split.train_per_class"])
         _show_classes(split, cfg["seed"])
         model, identity = encoder.load(cfg["encoder.weights"], cfg["seed"])
         console.print(f"encoder: {encoder.describe(identity)}")
         sources = {"data": split.fingerprint(dataset), "encoder": identity,
-                   "preprocess": encoder.PREPROCESS_VERSION}
+                   "preprocess": encoder.PREPROCESS_VERSION, "image_preprocess": data.PREPROCESS_VERSION}
         attrs = feature_cache.make_attrs(cfg, sources, identity, split.wnids, split.names, runtime.versions())
         path = feature_cache.path_for(cfg)
         existing = feature_cache.read_attrs(path) if path.exists() else None
@@ -50,9 +51,13 @@ def build(cfg, job):
     meta = {name: ([label for _, label in items], [split.wnids[label] for _, label in items],
                    [dataset.root + member for member, _ in items])
             for name, items in (("train", split.train), ("eval", split.eval))}
-    writer = feature_cache.Writer(path, attrs, meta, shapes, cfg["cache.dtype"])
-    dtype = getattr(torch, cfg["cache.dtype"])
+    image_size = cfg["data.image_size"]
     total = len(split.train) + len(split.eval)
+    expected = feature_cache.expected_bytes(shapes, total, image_size, cfg["cache.dtype"])
+    console.print(f"expected cache size: {expected / 2**20:,.1f} MiB ({total:,} images at {image_size}x{image_size} "
+                  f"with their {', '.join(layers)} features, {expected / total / 1024:,.1f} KiB each)")
+    writer = feature_cache.Writer(path, attrs, meta, shapes, cfg["cache.dtype"], image_size)
+    dtype = getattr(torch, cfg["cache.dtype"])
     done_before = writer.done("train") + writer.done("eval")
     if done_before:
         console.print(f"resuming {writer.partial}: {done_before:,} of {total:,} images already extracted")
@@ -64,7 +69,7 @@ def build(cfg, job):
             task = bar.add_task("extract", total=total, completed=done_before, rate="")
             for name, items in (("train", split.train), ("eval", split.eval)):
                 starts = range(writer.done(name), len(items), batch_size)
-                decode = lambda s: np.stack([dataset.load_image(m) for m, _ in items[s:s + batch_size]])
+                decode = lambda s: np.stack([dataset.load_image(m, image_size) for m, _ in items[s:s + batch_size]])
                 pending = pool.submit(decode, starts[0]) if starts else None
                 for i, start in enumerate(starts):
                     images = pending.result()
@@ -90,7 +95,7 @@ def build(cfg, job):
 
 @torch.inference_mode()
 def forward(model, images, input_size, layers, device, dtype=torch.float32):
-    """uint8 images (B, 64, 64, 3) -> {layer: numpy features}, cast on the device before the copy."""
+    """uint8 images (B, S, S, 3) -> {layer: numpy features}, cast on the device before the copy."""
     x = encoder.preprocess(torch.from_numpy(images).to(device, non_blocking=True), input_size)
     return {k: v.to(dtype).cpu().numpy() for k, v in encoder.taps(model, x, layers).items()}
 
