@@ -108,7 +108,8 @@ class Writer:
 
 def expected_bytes(shapes, n_images, image_size, dtype):
     """The cache's size before it is written: per image, the uint8 image plus every layer's
-    features in `dtype` (HDF5's own overhead, well under 1%, left out)."""
+    features in `dtype`. The file is larger by HDF5's padding of each dataset's last chunk (up
+    to CHUNK_BYTES each, ~20 MiB in all): 18% on 300 images, under 1% on the default 11,000."""
     per_image = image_size * image_size * 3 + sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(dtype).itemsize
     return n_images * per_image
 

@@ -88,7 +88,9 @@ def test_describe_prints_four_tables_without_a_cache(cfg_file):
 
 def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
     """The three commands on a zip of odd-sized images without val/: 128 px cache, decoders, figures."""
-    from inversion import synthetic, training
+    from PIL import Image
+
+    from inversion import figures, synthetic, training
 
     folders = synthetic.write_imagefolder(tmp_path / "folders.zip", classes=3, train_per_class=6)
     args = ["--set", f"data.path={folders}", "--set", "data.format=auto", "--set", "data.image_size=128",
@@ -114,5 +116,9 @@ def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
     assert set(metrics["layers"]) == {"conv2", "fc8"} and metrics["eval_images"] == 6
     assert all(0 < v["mse"] < 1 for v in [*metrics["layers"].values(), *metrics["baselines"].values()])
     assert {"reconstructions.png", "grid_conv2.png", "grid_fc8.png"} <= set(metrics["figures"])
+    with Image.open(tmp_path / "out/reconstructions.png") as im:  # cells grow with the images: 2 x 1.1 in
+        assert im.size == figures.pixel_size(figures.comparison_inches(3, 3, 128)) and im.size[0] > 3 * 2 * 110
+    with Image.open(tmp_path / "out/grid_conv2.png") as im:
+        assert im.size == (2000, 1120)
     result = invoke("train_decoders", *args, "--describe", "--layers", "conv2")
     assert "128x128" in result.output
