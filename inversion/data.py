@@ -70,7 +70,6 @@ def download(dest, url=URL, md5=MD5):
     return dest
 
 
-FORMATS = ("auto", "tiny-imagenet", "imagefolder")
 # Bump when `to_square_rgb` changes: it is part of every cache's sources, so old caches rebuild.
 PREPROCESS_VERSION = 1
 
