@@ -1,7 +1,12 @@
+import errno
 import os
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import h5py
@@ -10,10 +15,11 @@ import pytest
 import torch
 
 from conftest import WNIDS, make_cfg, write_tiny_imagenet
-from inversion import data, encoder, extraction, feature_cache
+from inversion import data, encoder, extraction, feature_cache, storage
 from inversion.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
+Usage = namedtuple("Usage", "total used free")
 
 
 def test_cache_holds_split_and_features_equal_a_direct_forward(built, tiny_zip):
@@ -122,3 +128,142 @@ def test_stream_yields_every_sample_once_in_shuffled_order(tmp_path):
         assert sorted(seen) == list(range(103)) and list(seen) != list(range(103))
         assert all(len(by) == 8 for _, by in batches[:-1])
         assert all((bx[:, 0] == 2 * by).all() for bx, by in batches)
+
+
+def assert_same_cache(path, reference):
+    with h5py.File(path) as a, h5py.File(reference) as b:
+        for split in ("train", "eval"):
+            for key in ("images", "labels", "conv2", "conv5", "fc6", "fc8"):
+                np.testing.assert_array_equal(a[split][key][()], b[split][key][()])
+
+
+def test_two_extractions_at_once_make_one_cache(built, tiny_zip, tmp_path):
+    cfg, reference = built
+    code = (f"import sys, time, typer; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from conftest import make_cfg; from inversion import console, extraction, feature_cache; "
+            f"cfg = make_cfg(Path({str(tmp_path)!r}), {str(tiny_zip)!r}, 'cache.dtype=float32'); "
+            f"w = feature_cache.Writer.write\n"
+            f"def slow(*a):\n    w(*a); time.sleep(0.5)\n"
+            f"feature_cache.Writer.write = slow\n"
+            f"try:\n    console.run(extraction.extract)(cfg)\n"
+            f"except typer.Exit as e:\n    sys.exit(e.exit_code)")
+    logs = [open(tmp_path / f"stderr{i}", "w+") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT / "tests", stdout=subprocess.DEVNULL,
+                              stderr=log, text=True) for log in logs]
+    results = [(p.pid, p.wait(timeout=300), log.seek(0) or log.read()) for p, log in zip(procs, logs)]
+    codes = sorted(code for _, code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results  # the second waits for nothing: it refuses, or finds it done
+    for pid, code, err in results:
+        if code == 2:
+            other = next(p for p, c, _ in results if p != pid)
+            assert err.strip().splitlines()[-1].startswith(f"error: another process (pid {other}) is writing")
+            assert "Traceback" not in err
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    [log.close() for log in logs]
+    assert files == [reference.name]  # no .partial, no .lock
+    assert_same_cache(tmp_path / "cache" / reference.name, reference)
+
+
+def test_not_enough_free_space_is_refused_before_writing(built, tmp_path, monkeypatch):
+    cfg, _ = built
+    cfg = dict(cfg, **{"cache.dir": str(tmp_path)})
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UserError, match=r"not enough free space .* needs [\d.]+ MiB, 1,000 B free") as raised:
+        extraction.extract(cfg)
+    assert "\n" not in str(raised.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("how", ["seen coming", "hdf5 write fails"])
+def test_disk_full_during_extraction_keeps_the_partial_and_resumes(built, tmp_path, monkeypatch, capsys, how):
+    cfg, reference = built
+    cfg = dict(cfg, **{"cache.dir": str(tmp_path)})
+    target = feature_cache.path_for(cfg)
+    partial = target.with_name(target.name + ".partial")
+    if how == "seen coming":  # room for the first batch, then the disk fills up (another process)
+        calls = []
+        room = lambda path: Usage(10**9, 0, 10**9 if len(calls.append(1) or calls) <= 2 else 1000)
+        monkeypatch.setattr(storage.shutil, "disk_usage", room)
+        expected = "not enough free space"
+    else:  # the second batch's fc6 write meets a full disk inside h5py
+        real_setitem, calls = h5py.Dataset.__setitem__, []
+
+        def setitem(self, key, value):
+            calls.append(1)
+            if len(calls) == 9:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_setitem(self, key, value)
+
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", setitem)
+        expected = f"could not write {partial} (No space left on device"
+    with pytest.raises(storage.DiskError, match=re.escape(expected)) as raised:
+        extraction.extract(cfg)
+    assert "\n" not in str(raised.value) and "re-run to resume" in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]
+    with h5py.File(partial) as f:
+        assert f["train"].attrs["done"] == 5  # the batch before the failure, whole
+    monkeypatch.undo()
+    capsys.readouterr()
+    extraction.extract(cfg)
+    assert "resuming" in capsys.readouterr().err
+    assert_same_cache(target, reference)
+
+
+def test_a_real_hdf5_write_failure_is_one_line_not_a_crash(built, tmp_path):
+    cfg, reference = built
+    limit = reference.stat().st_size // 3  # the file may not grow past this: HDF5 fails as on a full disk
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    (tmp_path / "config.yaml").write_text("{}\n")
+    args = [f"data.path={cfg['data.path']}", f"cache.dir={tmp_path}/cache", "encoder.weights=random",
+            "split.num_classes=3", "split.eval_per_class=2", "split.train_per_class=6", "device=cpu",
+            "extract.batch_size=5", "cache.dtype=float32"]
+    result = subprocess.run([sys.executable, "extract_features.py", "--config", str(tmp_path / "config.yaml"),
+                             *[a for arg in args for a in ("--set", arg)]], cwd=ROOT, preexec_fn=small_disk,
+                            capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert lines[-1].startswith("error: could not write") and "File too large" in lines[-1], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    target = feature_cache.path_for(dict(cfg, **{"cache.dir": str(tmp_path / "cache")}))
+    assert not target.exists() and target.with_name(target.name + ".partial").exists()
+    extraction.extract(dict(cfg, **{"cache.dir": str(tmp_path / "cache")}))  # with room: finishes
+    assert_same_cache(target, reference)
+
+
+def _can_mount_tmpfs():
+    return bool(shutil.which("unshare")) and subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a tmpfs mounted in a private namespace (unshare -rm)")
+def test_a_small_filesystem_filling_midway_keeps_a_partial_that_resumes(built, tmp_path):
+    """The reported crash, for real: cache.dir on a 4 MiB tmpfs, the free-space checks passed (as when
+    another process fills the disk meanwhile); then the filesystem grows and the run resumes."""
+    cfg, reference = built
+    small = tmp_path / "small"
+    small.mkdir()
+    code = (f"import sys, typer; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from conftest import make_cfg; from inversion import console, extraction, storage\n"
+            f"if sys.argv[1] == 'race':\n    storage.check_free_space = lambda *a: None\n"
+            f"cfg = make_cfg(Path({str(tmp_path)!r}), {str(cfg['data.path'])!r}, 'cache.dtype=float32', "
+            f"'cache.dir={small}')\n"
+            f"try:\n    console.run(extraction.extract)(cfg)\nexcept typer.Exit as e:\n    sys.exit(e.exit_code)")
+    done = "import h5py, glob; f = h5py.File(glob.glob('*.partial')[0]); print('done', f['train'].attrs['done'])"
+    script = (f"mount -t tmpfs -o size=4m tmpfs {small} && cd {ROOT / 'tests'} && "
+              f"python3 -c \"$CODE\" race 2>{tmp_path}/race.err; echo rc=$?; "
+              f"(cd {small} && ls && python3 -c \"{done}\"); "
+              f"mount -o remount,size=64m {small} && python3 -c \"$CODE\" room 2>{tmp_path}/room.err; echo rc=$?; "
+              f"cp {small}/*.h5 {tmp_path}/")
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", script], env={**os.environ, "CODE": code},
+                         capture_output=True, text=True, timeout=300).stdout.split()
+    race, room = (tmp_path / "race.err").read_text(), (tmp_path / "room.err").read_text()
+    lines = [line for line in race.splitlines() if line.strip()]
+    assert out[0] == "rc=2", race[-3000:]
+    assert lines[-1].startswith("error: could not write") and "No space left on device" in lines[-1]
+    assert "Traceback" not in race and "Exception ignored" not in race
+    assert out[1] == reference.name + ".partial" and out[2] == "done" and int(out[3]) > 0  # kept, some done
+    assert out[4] == "rc=0" and "resuming" in room, room[-3000:]
+    assert_same_cache(tmp_path / reference.name, reference)
