@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from . import data, encoder, feature_cache, runtime
+from . import data, encoder, feature_cache, runtime, storage
 from .errors import UserError
 from .console import Timer, console, progress, rate_text, summary, warn
 
@@ -15,7 +15,14 @@ from .console import Timer, console, progress, rate_text, summary, warn
 def extract(cfg):
     """Build (or find) the cache for this config; returns its path."""
     job = prepare(cfg)
-    return job.path if job.hit else build(cfg, job)
+    if job.hit:
+        return job.path
+    with storage.lock(job.path.with_name(job.path.name + ".lock"), job.path):  # a second process refuses
+        existing = feature_cache.read_attrs(job.path)
+        if existing and existing["cache_hash"] == job.attrs["cache_hash"]:
+            console.print(f"cache hit: {job.path} (finished by another process meanwhile)")
+            return job.path
+        return build(cfg, job)
 
 
 def prepare(cfg):
@@ -81,6 +88,8 @@ def build(cfg, job):
                                rate=rate_text(bar.tasks[0].completed - done_before, timer.seconds, "img"))
             writer.finish()
             finished = True
+    except storage.DiskError:  # the disk is full: keep the partial file for a re-run with room
+        raise
     except UserError:  # bad input (a corrupt image): resuming would only meet it again
         writer.close()
         writer.partial.unlink()

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import config
+from . import config, storage
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -49,27 +49,103 @@ class Writer:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self._resume(attrs["cache_hash"]) or self._create(attrs, meta, shapes, dtype, image_size)
+        self.datasets, self.chunking = {}, []
+        self.file = self._resume(attrs["cache_hash"])
+        created = self.file is None
+        try:
+            if created:
+                self.file = h5py.File(self.partial, "w")
+                self._create(self.file, attrs, meta, shapes, dtype, image_size)
+            storage.check_free_space(self.path.parent, self._space({s: (self.done(s), None) for s in SPLITS}),
+                                     f"the cache {self.path}", "free some space or set cache.dir to a larger disk")
+        except storage.DiskError:  # refused before writing any data: leave the disk as it was
+            self.close()
+            if created:
+                self.partial.unlink()
+            raise
+        except (OSError, RuntimeError) as e:
+            self._abandon(e)
 
     def done(self, split):
         return int(self.file[split].attrs["done"])
 
     def write(self, split, start, images, features):
-        group = self.file[split]
+        """Rows [start, start + len(images)) of every dataset; `done` moves only once they are on disk.
+
+        A disk about to fill is refused before HDF5 sees it; one that fills anyway is a DiskError
+        with the `.partial` file kept for the next run to resume (see `_abandon`).
+        """
         stop = start + len(images)
-        group["images"][start:stop] = images
-        for layer, values in features.items():
-            group[layer][start:stop] = values
-        group.attrs["done"] = stop
-        self.file.flush()
+        storage.check_free_space(self.path.parent, self._space({split: (start, stop)}),
+                                 f"the next batch of {self.path.name}", f"{self.partial} is kept: free some "
+                                 f"space and re-run to resume")
+        try:
+            self._dataset(split, "images")[start:stop] = images
+            for layer, values in features.items():
+                self._dataset(split, layer)[start:stop] = values
+            self.file.flush()
+            self.file[split].attrs["done"] = stop
+            self.file.flush()
+        except (OSError, RuntimeError) as e:
+            self._abandon(e)
 
     def finish(self):
-        self.file.attrs["complete"] = True
-        self.file.close()
+        try:
+            self.file.attrs["complete"] = True
+            self.file.flush()
+        except (OSError, RuntimeError) as e:
+            self._abandon(e)
+        self.close()
         self.partial.replace(self.path)
 
+    def _dataset(self, split, name):
+        """Datasets stay open while the file is: HDF5 writes out a dataset's buffered chunks when its
+        last handle closes, and a failure there is only printed, never raised (then crashes at exit),
+        whereas one in `flush` is raised and handled."""
+        if (split, name) not in self.datasets:
+            self.datasets[split, name] = self.file[split][name]
+        return self.datasets[split, name]
+
     def close(self):
-        self.file.close()
+        """Close the file; if HDF5 can no longer write what it holds, give that up (see `_abandon`)."""
+        if self.file is None:
+            return
+        try:
+            self.file.flush()
+        except (OSError, RuntimeError):
+            storage.discard_writes(self.file.id.get_vfd_handle())
+        try:
+            self.file.close()
+        except (OSError, RuntimeError):
+            pass
+        self.file, self.datasets = None, {}
+
+    def _abandon(self, error):
+        """After a failed write HDF5 retries its buffered data on every flush and close, and the
+        interpreter crashed at exit (h5py 3.16, HDF5 2.0). So the file is closed onto /dev/null: on
+        disk it keeps what the last successful flush wrote, with `done` saying how much that was,
+        which a re-run resumes (or, if the file is unreadable after all, starts over)."""
+        if self.file is not None:
+            storage.discard_writes(self.file.id.get_vfd_handle())
+            self.close()
+        raise storage.DiskError(f"could not write {self.partial} ({storage.reason(error)}; "
+                                f"{storage.size_text(storage.free_bytes(self.path.parent))} free); it is kept: "
+                                f"free some space and re-run to resume") from error
+
+    def _space(self, rows):
+        """Disk space that writing rows {split: (start, stop or None = to the end)} may take: every
+        chunk those rows touch, whole (the file is sparse until written), plus 1 MiB of headroom."""
+        if not self.chunking:  # (split, rows, rows per chunk, bytes per chunk) of each chunked dataset
+            self.chunking = [(split, len(ds), ds.chunks[0], ds.dtype.itemsize * int(np.prod(ds.chunks)))
+                             for split in SPLITS for ds in self.file[split].values() if ds.chunks]
+        total = 1 << 20
+        for split, n, rows_per_chunk, chunk_bytes in self.chunking:
+            if split in rows:
+                start, stop = rows[split]
+                stop = n if stop is None else stop
+                if stop > start:
+                    total += ((stop - 1) // rows_per_chunk - start // rows_per_chunk + 1) * chunk_bytes
+        return total
 
     def _resume(self, cache_hash):
         if not self.partial.exists():
@@ -79,13 +155,12 @@ class Writer:
             if f.attrs.get("cache_hash") == cache_hash and all(s in f for s in SPLITS):
                 return f
             f.close()
-        except (OSError, KeyError):
-            pass  # unreadable after a hard kill: start over
+        except (OSError, RuntimeError, KeyError):
+            pass  # unreadable after a hard kill or a full disk: start over
         self.partial.unlink()
         return None
 
-    def _create(self, attrs, meta, shapes, dtype, image_size):
-        f = h5py.File(self.partial, "w")
+    def _create(self, f, attrs, meta, shapes, dtype, image_size):
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["complete"] = False
@@ -98,12 +173,23 @@ class Writer:
             group["wnids"] = np.asarray(wnids, dtype=h5py.string_dtype())
             group["paths"] = np.asarray(paths, dtype=h5py.string_dtype())
             image = (image_size, image_size, 3)
-            group.create_dataset("images", (n, *image), np.uint8, chunks=_chunks(n, image, 1))
+            group.create_dataset("images", (n, *image), np.uint8, chunks=_chunks(n, image, 1),
+                                 dcpl=_allocated_up_front())
             for layer, shape in shapes.items():
                 size = np.dtype(dtype).itemsize
-                group.create_dataset(layer, (n, *shape), dtype, chunks=_chunks(n, shape, size))
+                group.create_dataset(layer, (n, *shape), dtype, chunks=_chunks(n, shape, size),
+                                     dcpl=_allocated_up_front())
         f.flush()
-        return f
+
+
+def _allocated_up_front():
+    """Every chunk gets its place in the file when the dataset is created (sparse: no data, no fill
+    values written), so later writes only fill chunks in place and never change HDF5's metadata. A
+    write the disk refuses then cannot leave the file's structure half-updated: it still resumes."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
 
 
 def layer_bytes(shape, dtype):
@@ -178,6 +264,14 @@ class Cache:
 
     def load(self, split, name):
         return self.file[split][name][()]
+
+    def _dataset(self, split, name):
+        """Datasets stay open while the file is: HDF5 writes out a dataset's buffered chunks when its
+        last handle closes, and a failure there is only printed, never raised (then crashes at exit),
+        whereas one in `flush` is raised and handled."""
+        if (split, name) not in self.datasets:
+            self.datasets[split, name] = self.file[split][name]
+        return self.datasets[split, name]
 
     def close(self):
         self.file.close()

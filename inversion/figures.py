@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from . import storage  # noqa: E402
+
 DPI = 100
 CELL, LABEL, HEADER = 1.1, 1.0, 0.75  # comparison grid: inches per image, row labels, title
 
@@ -124,12 +126,13 @@ def pixel_size(inches):
 def _save(fig, path, formats, note, provenance):
     path = Path(path)
     written = []
-    for fmt in formats:
-        target = path.with_suffix(f".{fmt}")
-        tmp = target.with_name(target.name + ".partial")
-        meta = {"Title": note, ("Description" if fmt == "png" else "Subject"): provenance}
-        fig.savefig(tmp, dpi=DPI, format=fmt, metadata=meta)
-        tmp.replace(target)
-        written.append(target)
-    plt.close(fig)
+    try:
+        for fmt in formats:
+            target = path.with_suffix(f".{fmt}")
+            meta = {"Title": note, ("Description" if fmt == "png" else "Subject"): provenance}
+            with storage.replacing(target) as tmp:
+                fig.savefig(tmp, dpi=DPI, format=fmt, metadata=meta)
+            written.append(target)
+    finally:
+        plt.close(fig)
     return written

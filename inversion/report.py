@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from . import config, encoder, feature_cache, figures, metrics, runtime, training
+from . import config, encoder, feature_cache, figures, metrics, runtime, storage, training
 from .console import Timer, console, summary, warn
 from .errors import UserError
 
@@ -75,14 +75,14 @@ def _render(cfg, cache, layers, num_images):
         "versions": runtime.versions(),
         "figures": [str(f.relative_to(out)) for f in files],
     }
-    _write(out / "metrics.json", json.dumps(report, indent=2) + "\n")
-    _write(out / "results.md", _markdown(report))
+    storage.write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    storage.write_text(out / "results.md", _markdown(report))
     _show(report)
     return {"report": report, "files": files + [out / "metrics.json", out / "results.md"]}
 
 
 def _load_decoders(cfg, cache, layers):
-    """{layer: (decoder, checkpoint)} for the layers that have one; warns about the rest."""
+    """{layer: (decoder, checkpoint)} for the layers that have a readable one; warns about the rest."""
     decoders, skipped = {}, []
     for layer in layers:
         path = training.decoder_dir(cfg, layer) / "last.pt"
@@ -91,12 +91,15 @@ def _load_decoders(cfg, cache, layers):
         elif not path.exists():
             skipped.append(f"{layer}: no checkpoint at {path}; skipped (run train_decoders.py --layers {layer})")
         else:
-            decoders[layer] = training.load_decoder(path)
+            try:
+                decoders[layer] = training.load_decoder(path)
+            except training.DamagedCheckpoint as e:
+                skipped.append(f"{layer}: {e}; skipped (re-run train_decoders.py --layers {layer} to replace it)")
+    for message in skipped:
+        warn(message)
     if not decoders:
         raise UserError(f"no decoder checkpoints under {training.decoder_dir(cfg)} for {', '.join(layers)}; "
                         f"run `python train_decoders.py` with the same --config/--set options first")
-    for message in skipped:
-        warn(message)
     stale = [layer for layer, (_, ckpt) in decoders.items() if ckpt["cache_hash"] != cache.attrs["cache_hash"]]
     if stale:
         raise UserError(f"checkpoints for {', '.join(stale)} were trained on another cache than {cache.path}; "
@@ -170,12 +173,6 @@ def _grid_choice(labels, n, seed):
 
 def _short(name):
     return name.split(",")[0]
-
-
-def _write(path, text):
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 COLUMNS = (("mse", "MSE", "{:.5f}"), ("psnr_db", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),

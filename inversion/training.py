@@ -3,12 +3,15 @@
 Nothing here touches AlexNet or a JPEG: inputs are the cached activations, targets the cached
 images scaled to [0, 1]. Each epoch ends in an atomically written `last.pt` (and `best.pt`
 when the eval loss improves), so a killed run loses at most the epoch in progress and a re-run
-continues from `last.pt` up to `train.epochs`.
+continues from `last.pt` up to `train.epochs`. A decoder folder has one writer at a time (a lock
+file in it), and a damaged `last.pt` is set aside for an intact `best.pt` or refused, never reused.
 """
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -18,12 +21,16 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
-from . import config, feature_cache, runtime
-from .console import Timer, console, progress, rate_text, summary
+from . import config, feature_cache, runtime, storage
+from .console import Timer, console, progress, rate_text, summary, warn
 from .decoders import Decoder
 from .errors import UserError
 
 HISTORY = "history.jsonl"
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint that cannot be loaded: cut short by a full disk or a copy gone wrong."""
 
 
 def train(cfg, layers=None, fresh=False):
@@ -33,7 +40,9 @@ def train(cfg, layers=None, fresh=False):
     device = runtime.pick_device(cfg["device"])
     console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device)}")
     histories = {}
-    with Timer() as timer, cache:
+    with Timer() as timer, cache, contextlib.ExitStack() as locks:
+        for layer in layers:  # all before any work, so a second run refuses at once
+            locks.enter_context(storage.lock(decoder_dir(cfg, layer) / "train.lock", decoder_dir(cfg, layer)))
         samples = 0
         for layer in layers:
             histories[layer], start = train_layer(cfg, cache, layer, device, fresh)
@@ -60,7 +69,7 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     optimizer = adam(model.parameters(), device, lr=cfg["train.lr"], betas=tuple(cfg["train.betas"]),
                      weight_decay=cfg["train.weight_decay"])
     history = []
-    checkpoint = _resume_point(out / "last.pt", guard, fresh)
+    checkpoint = _resume_point(out, guard, fresh)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -106,11 +115,13 @@ def train_layer(cfg, cache, layer, device, fresh=False):
                             "samples_per_s": round(seen / seconds, 1)})
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
                      **guard, "config_hash": config.digest(cfg), "versions": runtime.versions()}
-            _save(state, out / "last.pt")
+            with storage.replacing(out / "last.pt") as tmp:
+                torch.save(state, tmp)
             if eval_loss < best:
                 best = eval_loss
-                _save(state, out / "best.pt")
-            _write_history(history, out / HISTORY)
+                with storage.replacing(out / "best.pt") as tmp:
+                    torch.save(state, tmp)
+            storage.write_text(out / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
             console.print(f"{layer} epoch {epoch + 1}/{epochs}: train {train_loss:.5f}  eval {eval_loss:.5f}  "
                           f"({seconds:.1f} s, {seen / seconds:,.0f} samples/s)")
     return history, start
@@ -132,12 +143,26 @@ def _train_epoch(model, optimizer, data, device, advance):
 
 
 def load_decoder(path, device="cpu"):
-    """(decoder in eval mode, checkpoint dict) from a `last.pt` or `best.pt`."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    spec = checkpoint["decoder"]
-    model = Decoder(tuple(spec["in_shape"]), spec["width"], out_size=spec.get("out_size", 64))  # 64: older checkpoints
-    model.load_state_dict(checkpoint["model"])
+    """(decoder in eval mode, checkpoint dict) from a `last.pt` or `best.pt`; else DamagedCheckpoint."""
+    checkpoint = load_checkpoint(path)
+    try:
+        spec = checkpoint["decoder"]
+        model = Decoder(tuple(spec["in_shape"]), spec["width"], out_size=spec.get("out_size", 64))  # 64: older checkpoints
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DamagedCheckpoint(f"{path} is damaged and cannot be loaded ({storage.reason(e)})") from e
     return model.to(device).eval(), checkpoint
+
+
+def load_checkpoint(path):
+    """The checkpoint dict, or a one-line DamagedCheckpoint naming the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a cut-short zip raises RuntimeError, others EOFError, pickle errors
+        raise DamagedCheckpoint(f"{path} is damaged and cannot be loaded ({storage.reason(e)})") from e
+    if not isinstance(checkpoint, dict) or not {"model", "optimizer", "history", "decoder"} <= set(checkpoint):
+        raise DamagedCheckpoint(f"{path} is damaged and cannot be loaded (not a decoder checkpoint)")
+    return checkpoint
 
 
 @torch.no_grad()
@@ -237,10 +262,14 @@ def _seed(seed, layer, epoch=-1):
     return int(np.random.SeedSequence([seed, zlib.crc32(layer.encode()), epoch + 1]).generate_state(1)[0])
 
 
-def _resume_point(path, guard, fresh):
+def _resume_point(out, guard, fresh):
+    path = out / "last.pt"
     if fresh or not path.exists():
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = load_checkpoint(path)
+    except DamagedCheckpoint as damaged:
+        return _instead_of_damaged(out, guard, damaged)
     for key in ("cache_hash", "decoder"):
         if checkpoint.get(key) != guard[key]:
             raise UserError(f"{path} was trained with {key} {checkpoint.get(key)}, now {guard[key]}; "
@@ -248,16 +277,24 @@ def _resume_point(path, guard, fresh):
     return checkpoint
 
 
-def _save(state, path):
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def _write_history(history, path):
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    tmp.replace(path)
+def _instead_of_damaged(out, guard, damaged):
+    """Resume from an intact `best.pt` when `last.pt` is damaged (a resumed run equals an uninterrupted
+    one, so only time is lost); the damaged file is moved aside, not overwritten. No usable `best.pt`:
+    refuse, pointing at --fresh."""
+    last, best, layer = out / "last.pt", out / "best.pt", guard["decoder"]["layer"]
+    try:
+        checkpoint = load_checkpoint(best) if best.exists() else None
+    except DamagedCheckpoint:
+        checkpoint = None
+    if checkpoint is None or any(checkpoint.get(key) != guard[key] for key in ("cache_hash", "decoder")):
+        raise UserError(f"{damaged}; no intact {best.name} to resume from: pass --fresh to start {layer} over "
+                        f"(train_decoders.py --layers {layer} --fresh)")
+    aside = last.with_name(last.name + ".damaged")
+    last.replace(aside)
+    with storage.replacing(last) as tmp:  # render finds a last.pt even when no epoch is left to train
+        shutil.copyfile(best, tmp)
+    warn(f"{damaged}; moved it to {aside.name} and resuming from {best} (epoch {len(checkpoint['history'])})")
+    return checkpoint
 
 
 def read_history(path):

@@ -1,8 +1,13 @@
 import io
+import errno
 import os
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import h5py
@@ -12,10 +17,11 @@ import torch
 from PIL import Image
 
 from conftest import WNIDS, make_cfg, write_tiny_imagenet
-from inversion import data, encoder, extraction, feature_cache
+from inversion import data, encoder, extraction, feature_cache, storage
 from inversion.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
+Usage = namedtuple("Usage", "total used free")
 
 
 def test_cache_holds_split_and_features_equal_a_direct_forward(built, tiny_zip):
@@ -143,6 +149,8 @@ def test_any_classifier_caches_its_nodes_as_named_datasets(tiny_zip, tmp_path):
         for layer in ("layer2", "fc"):
             np.testing.assert_allclose(cache.load("eval", layer), direct[layer].numpy(), rtol=1e-5, atol=1e-5)
     assert feature_cache.path_for(cfg) == path != feature_cache.path_for(dict(cfg, **{"encoder.arch": "alexnet"}))
+
+
 def test_tiny_imagenet_images_are_stored_exactly_as_decoded(built, tiny_zip):
     """At the default image_size the cache holds each JPEG's own pixels: nothing is resampled."""
     cfg, path = built
@@ -164,3 +172,140 @@ def test_expected_bytes_is_what_the_cache_holds(built):
     assert feature_cache.expected_bytes(shapes, n, 64, cfg["cache.dtype"]) == stored
     # 128 px: only the image grows, four times; conv2 alone in float16 is 192*13*13*2 bytes
     assert feature_cache.expected_bytes({"conv2": (192, 13, 13)}, 10, 128, "float16") == 10 * (128 * 128 * 3 + 64896)
+
+
+def assert_same_cache(path, reference):
+    with h5py.File(path) as a, h5py.File(reference) as b:
+        for split in ("train", "eval"):
+            for key in ("images", "labels", "conv2", "conv5", "fc6", "fc8"):
+                np.testing.assert_array_equal(a[split][key][()], b[split][key][()])
+
+
+def test_two_extractions_at_once_make_one_cache(built, tiny_zip, tmp_path):
+    cfg, reference = built
+    code = (f"import sys, time, typer; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from conftest import make_cfg; from inversion import console, extraction, feature_cache; "
+            f"cfg = make_cfg(Path({str(tmp_path)!r}), {str(tiny_zip)!r}, 'cache.dtype=float32'); "
+            f"w = feature_cache.Writer.write\n"
+            f"def slow(*a):\n    w(*a); time.sleep(0.3)\n"
+            f"feature_cache.Writer.write = slow\n"
+            f"try:\n    console.run(extraction.extract)(cfg)\n"
+            f"except typer.Exit as e:\n    sys.exit(e.exit_code)")
+    logs = [open(tmp_path / f"stderr{i}", "w+") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT / "tests", stdout=subprocess.DEVNULL,
+                              stderr=log, text=True) for log in logs]
+    results = [(p.pid, p.wait(timeout=300), log.seek(0) or log.read()) for p, log in zip(procs, logs)]
+    codes = sorted(code for _, code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results  # the second waits for nothing: it refuses, or finds it done
+    for pid, code, err in results:
+        if code == 2:
+            other = next(p for p, c, _ in results if p != pid)
+            assert err.strip().splitlines()[-1].startswith(f"error: another process (pid {other}) is writing")
+            assert "Traceback" not in err
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    [log.close() for log in logs]
+    assert files == [reference.name]  # no .partial, no .lock
+    assert_same_cache(tmp_path / "cache" / reference.name, reference)
+
+
+def test_not_enough_free_space_is_refused_before_writing(built, tmp_path, monkeypatch):
+    cfg, _ = built
+    cfg = dict(cfg, **{"cache.dir": str(tmp_path)})
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UserError, match=r"not enough free space .* needs [\d.]+ MiB, 1,000 B free") as raised:
+        extraction.extract(cfg)
+    assert "\n" not in str(raised.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("how", ["seen coming", "hdf5 write fails"])
+def test_disk_full_during_extraction_keeps_the_partial_and_resumes(built, tmp_path, monkeypatch, capsys, how):
+    cfg, reference = built
+    cfg = dict(cfg, **{"cache.dir": str(tmp_path)})
+    target = feature_cache.path_for(cfg)
+    partial = target.with_name(target.name + ".partial")
+    if how == "seen coming":  # room for the first batch, then the disk fills up (another process)
+        calls = []
+        room = lambda path: Usage(10**9, 0, 10**9 if len(calls.append(1) or calls) <= 2 else 1000)
+        monkeypatch.setattr(storage.shutil, "disk_usage", room)
+        expected = "not enough free space"
+    else:  # the second batch's fc6 write meets a full disk inside h5py
+        real_setitem, calls = h5py.Dataset.__setitem__, []
+
+        def setitem(self, key, value):
+            calls.append(1)
+            if len(calls) == 9:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_setitem(self, key, value)
+
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", setitem)
+        expected = f"could not write {partial} (No space left on device"
+    with pytest.raises(storage.DiskError, match=re.escape(expected)) as raised:
+        extraction.extract(cfg)
+    assert "\n" not in str(raised.value) and "re-run to resume" in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]
+    with h5py.File(partial) as f:
+        assert f["train"].attrs["done"] == 5  # the batch before the failure, whole
+    monkeypatch.undo()
+    capsys.readouterr()
+    extraction.extract(cfg)
+    assert "resuming" in capsys.readouterr().err
+    assert_same_cache(target, reference)
+
+
+def test_a_real_hdf5_write_failure_is_one_line_not_a_crash(built, tmp_path):
+    cfg, reference = built
+    limit = reference.stat().st_size // 3  # the file may not grow past this: HDF5 fails as on a full disk
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    (tmp_path / "config.yaml").write_text("{}\n")
+    args = [f"data.path={cfg['data.path']}", f"cache.dir={tmp_path}/cache", "encoder.weights=random",
+            "split.num_classes=3", "split.eval_per_class=2", "split.train_per_class=6", "device=cpu",
+            "extract.batch_size=5", "cache.dtype=float32"]
+    result = subprocess.run([sys.executable, "extract_features.py", "--config", str(tmp_path / "config.yaml"),
+                             *[a for arg in args for a in ("--set", arg)]], cwd=ROOT, preexec_fn=small_disk,
+                            capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert lines[-1].startswith("error: could not write") and "File too large" in lines[-1], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    target = feature_cache.path_for(dict(cfg, **{"cache.dir": str(tmp_path / "cache")}))
+    assert not target.exists() and target.with_name(target.name + ".partial").exists()
+    extraction.extract(dict(cfg, **{"cache.dir": str(tmp_path / "cache")}))  # with room: finishes
+    assert_same_cache(target, reference)
+
+
+def _can_mount_tmpfs():
+    return bool(shutil.which("unshare")) and subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a tmpfs mounted in a private namespace (unshare -rm)")
+def test_a_small_filesystem_filling_midway_keeps_a_partial_that_resumes(built, tmp_path, capsys):
+    """The reported crash, for real: cache.dir on a 4 MiB tmpfs, the free-space checks passed (as when
+    another process fills the disk meanwhile). The partial left there resumes where there is room."""
+    cfg, reference = built
+    small = tmp_path / "small"
+    small.mkdir()
+    code = (f"import sys, typer; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from conftest import make_cfg; from inversion import console, extraction, storage\n"
+            f"storage.check_free_space = lambda *a: None\n"
+            f"cfg = make_cfg(Path({str(tmp_path)!r}), {str(cfg['data.path'])!r}, 'cache.dtype=float32', "
+            f"'cache.dir={small}')\n"
+            f"try:\n    console.run(extraction.extract)(cfg)\nexcept typer.Exit as e:\n    sys.exit(e.exit_code)")
+    script = (f"mount -t tmpfs -o size=4m tmpfs {small} && cd {ROOT / 'tests'} && python3 -c \"$CODE\"; "
+              f"echo rc=$? >&2; ls {small} >&2; mkdir {tmp_path}/cache && cp {small}/* {tmp_path}/cache/")
+    err = subprocess.run(["unshare", "-rm", "sh", "-c", script], env={**os.environ, "CODE": code},
+                         capture_output=True, text=True, timeout=300).stderr
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-2:] == ["rc=2", reference.name + ".partial"], err[-3000:]  # refused, partial kept
+    assert lines[-3].startswith("error: could not write") and "No space left on device" in lines[-3]
+    assert "Traceback" not in err and "Exception ignored" not in err
+    with h5py.File(tmp_path / "cache" / (reference.name + ".partial")) as f:
+        assert f["train"].attrs["done"] > 0
+    capsys.readouterr()
+    extraction.extract(dict(cfg, **{"cache.dir": str(tmp_path / "cache")}))  # with room
+    assert "resuming" in capsys.readouterr().err
+    assert_same_cache(tmp_path / "cache" / reference.name, reference)

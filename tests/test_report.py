@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,3 +75,14 @@ def test_mosaic_tiles_images():
     images[3] = 9
     m = figures.mosaic(images, pad=1)
     assert m.shape == (5, 5, 3) and (m[3:, 3:] == 9).all() and (m[2] == 255).all()
+
+
+def test_a_damaged_checkpoint_is_skipped_with_a_warning(trained, tmp_path, capsys):
+    shutil.copytree(Path(trained["output.dir"]) / "decoders", tmp_path / "decoders")
+    last = tmp_path / "decoders/fc8/last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # cut short
+    capsys.readouterr()
+    result = report.render(dict(trained, **{"output.dir": str(tmp_path)}))
+    warning = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING: fc8"))
+    assert f"{last} is damaged" in warning and "--layers fc8" in warning
+    assert set(result["report"]["layers"]) == {"conv5"} and last.stat().st_size == 1000

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -86,7 +87,6 @@ def test_training_needs_neither_encoder_weights_nor_the_dataset(built, tmp_path)
             f"training.train(json.loads(sys.argv[1]), ['conv5']); "
             f"bad = [m for m in ('inversion.data', 'inversion.encoder', 'torchvision', 'PIL') if m in sys.modules]; "
             f"assert not bad, bad")
-    import json
     result = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
                             env={"TORCH_HOME": str(tmp_path / "no_torch_home"), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -100,3 +100,53 @@ def test_checkpoints_from_before_image_size_load_as_64_pixel_decoders(built, tmp
     torch.save(checkpoint, tmp_path / "old.pt")
     model, _ = training.load_decoder(tmp_path / "old.pt")
     assert model(torch.zeros(1, 256, 6, 6)).shape == (1, 3, 64, 64)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])  # as a full disk or a bad copy leaves it
+
+
+def test_damaged_last_pt_resumes_from_best_pt_or_asks_for_fresh(built, tmp_path, capsys):
+    straight = train(cfg_in(built, tmp_path / "straight"))
+    cfg = cfg_in(built, tmp_path / "cut", **{"train.epochs": 1})
+    train(cfg)
+    folder = tmp_path / "cut/decoders/conv5"
+    truncate(folder / "last.pt")
+    damaged = (folder / "last.pt").read_bytes()
+    with pytest.raises(training.DamagedCheckpoint, match=r"last\.pt is damaged"):
+        training.load_decoder(folder / "last.pt")
+    capsys.readouterr()
+    resumed = train(dict(cfg, **{"train.epochs": 2}))  # best.pt (epoch 1) is intact: resume from it
+    err = capsys.readouterr().err
+    assert f"{folder / 'last.pt'} is damaged" in err and "resuming from" in err and "best.pt (epoch 1)" in err
+    assert losses(resumed) == losses(straight)
+    assert (folder / "last.pt.damaged").read_bytes() == damaged  # set aside, not overwritten
+
+    truncate(folder / "last.pt")
+    truncate(folder / "best.pt")
+    with pytest.raises(UserError) as raised:
+        train(dict(cfg, **{"train.epochs": 3}))
+    message = str(raised.value)
+    assert message.startswith(f"{folder / 'last.pt'} is damaged") and "--layers conv5 --fresh" in message
+    assert "\n" not in message
+    assert len(train(dict(cfg, **{"train.epochs": 1}), fresh=True)) == 1
+
+
+def test_a_second_training_of_the_same_decoder_refuses_naming_the_first(built, tmp_path):
+    cfg = cfg_in(built, tmp_path, **{"train.epochs": 1})
+    lock = tmp_path / "decoders/conv5/train.lock"
+    code = ("import sys, json, time; from inversion import training; real = training._train_epoch\n"
+            "def slow(*a):\n    print('training', flush=True); time.sleep(60); return real(*a)\n"
+            "training._train_epoch = slow; training.train(json.loads(sys.argv[1]), ['conv5'])")
+    first = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], stdout=subprocess.PIPE, text=True,
+                             stderr=subprocess.DEVNULL)
+    try:
+        assert first.stdout.readline().strip() == "training"
+        with pytest.raises(UserError, match=rf"another process \(pid {first.pid}\) is writing .*decoders/conv5"):
+            train(cfg)
+        assert lock.read_text().strip() == str(first.pid) and not (lock.parent / "last.pt").exists()
+    finally:
+        first.kill()
+        first.wait()
+    assert len(train(cfg)) == 1  # the kernel let go of the killed one's lock
+    assert not lock.exists()

@@ -1,0 +1,84 @@
+import errno
+import os
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from inversion import storage
+from inversion.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_replacing_writes_whole_files_and_a_failed_write_keeps_the_old_one(tmp_path):
+    target = tmp_path / "metrics.json"
+    storage.write_text(target, "old")
+    for failure, why in ((OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+                         (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+                          "unexpected pos 576")):  # what torch.save raises for a full disk
+        with pytest.raises(storage.DiskError) as raised:
+            with storage.replacing(target) as tmp:
+                tmp.write_text("half of the new con")
+                raise failure
+        message = str(raised.value)
+        assert str(target) in message and why in message and "free on" in message and "\n" not in message
+        assert "previous file is unchanged" in message
+        assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    with pytest.raises(ValueError):  # not a disk failure: a bug stays a traceback
+        with storage.replacing(target) as tmp:
+            tmp.write_text("x")
+            raise ValueError("bug")
+    assert target.read_text() == "old" and not (tmp_path / "metrics.json.partial").exists()
+    storage.write_text(target, "new")
+    assert target.read_text() == "new"
+
+
+def test_free_space_check_names_both_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    storage.check_free_space(tmp_path, 1000, "a cache", "free some")  # exactly enough
+    with pytest.raises(storage.DiskError, match=rf"on {tmp_path} for a cache: needs 2.0 MiB, 1,000 B free; free some"):
+        storage.check_free_space(tmp_path, 2 << 20, "a cache", "free some")
+
+
+def test_lock_refuses_a_second_writer_naming_its_pid(tmp_path):
+    path = tmp_path / "sub" / "train.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from inversion import storage\nwith storage.lock({str(path)!r}, 'x'):\n"
+                               f"    print('locked', flush=True); input()"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"another process \(pid {holder.pid}\) is writing the folder"):
+            with storage.lock(path, "the folder"):
+                pass
+        assert path.read_text().strip() == str(holder.pid)  # the refusal touched nothing
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert holder.returncode == 0 and not path.exists()  # the holder cleans up after itself
+    with storage.lock(path, "the folder"):
+        assert path.read_text().strip() == str(os.getpid())
+        with pytest.raises(UserError, match=rf"pid {os.getpid()}"):  # flock: a second open conflicts too
+            with storage.lock(path, "the folder"):
+                pass
+    assert not path.exists()
+
+
+def test_a_lock_file_left_by_a_dead_process_does_not_block(tmp_path):
+    path = tmp_path / "x.lock"
+    path.write_text("999999999\n")  # its holder was killed: the kernel released the lock
+    with storage.lock(path, "x"):
+        assert path.read_text().strip() == str(os.getpid())
+
+
+def test_reason_and_size_text():
+    hdf5 = RuntimeError("Can't decrement id ref count (file write failed: time = Fri Nov 27 2026\n, filename = "
+                        "'x.h5', errno = 28, error message = 'No space left on device', buf = 0x1)")
+    assert storage.reason(hdf5) == "No space left on device"
+    assert storage.reason(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device"
+    assert storage.reason(RuntimeError("first line\nsecond")) == "first line"
+    assert [storage.size_text(n) for n in (0, 1023, 1536, 5 << 20, 3 << 40)] == [
+        "0 B", "1,023 B", "1.5 KiB", "5.0 MiB", "3,072.0 GiB"]
