@@ -23,9 +23,13 @@ _NUM = (int, float)
 SCHEMA = {
     "seed": (0, int, lambda v: v >= 0, "an integer >= 0"),
     "data.path": (None, (str, type(None)), None, "a path or null"),
-    "split.num_classes": (20, int, lambda v: 1 <= v <= 200, "an integer in 1..200"),
-    "split.eval_per_class": (50, int, lambda v: 1 <= v <= 50, "an integer in 1..50"),
-    "split.train_per_class": (None, (int, type(None)), lambda v: v is None or 1 <= v <= 500, "null or an integer in 1..500"),
+    "data.format": ("auto", str, lambda v: v in ("auto", "tiny-imagenet", "imagefolder"), "auto, tiny-imagenet or imagefolder"),
+    "data.image_size": (64, int, lambda v: v >= 16 and v & (v - 1) == 0,
+                        "a power of two >= 16: decoders double their grid with each up-convolution"),
+    # The upper limits of the split follow the data: make_split names the class that falls short.
+    "split.num_classes": (20, int, lambda v: v >= 1, "an integer >= 1"),
+    "split.eval_per_class": (50, int, lambda v: v >= 1, "an integer >= 1"),
+    "split.train_per_class": (None, (int, type(None)), lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "encoder.arch": ("alexnet", str, lambda v: v != "", "a torchvision classifier name, e.g. alexnet, resnet18"),
     "encoder.weights": ("auto", str, lambda v: v != "", "auto, imagenet, random or a file path"),
     "encoder.input_size": (224, int, lambda v: 64 <= v <= 1024, "an integer in 64..1024"),
@@ -51,8 +55,8 @@ SCHEMA = {
 }
 
 # The settings that shape a feature cache; hashed into its file name.
-CACHE_KEYS = ("seed", "split.num_classes", "split.eval_per_class", "split.train_per_class",
-              "encoder.arch", "encoder.weights", "encoder.input_size", "layers", "cache.dtype")
+CACHE_KEYS = ("seed", "data.format", "data.image_size", "split.num_classes", "split.eval_per_class",
+              "split.train_per_class", "encoder.arch", "encoder.weights", "encoder.input_size", "layers", "cache.dtype")
 
 
 def defaults():

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+
 OUT_SIZE = 64
 LEAK = 0.2
 FC_WIDTH = 4096

@@ -24,14 +24,15 @@ def prepare(cfg):
     with Timer() as timer:
         # The encoder and its layers first: a typo in a node name should not wait for the data.
         shapes = encoder.feature_shapes(cfg["encoder.arch"], cfg["encoder.input_size"], cfg["layers"])
-        dataset = data.TinyImageNet(data.locate(cfg["data.path"]))
+        dataset = data.open_dataset(data.locate(cfg["data.path"], cfg["data.format"]), cfg["data.format"])
+        console.print(f"data: {dataset.describe()}")
         split = data.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
                                 cfg["split.eval_per_class"], cfg["split.train_per_class"])
         _show_classes(split, cfg["seed"])
         model, identity = encoder.load(cfg["encoder.arch"], cfg["encoder.weights"], cfg["seed"])
         console.print(f"encoder: {encoder.describe(identity)}")
         sources = {"data": split.fingerprint(dataset), "encoder": identity,
-                   "preprocess": encoder.PREPROCESS_VERSION}
+                   "preprocess": encoder.PREPROCESS_VERSION, "image_preprocess": data.PREPROCESS_VERSION}
         layers = encoder.network_order(cfg["encoder.arch"], cfg["layers"])
         attrs = feature_cache.make_attrs(cfg, sources, identity, split.wnids, split.names, runtime.versions(), layers)
         path = feature_cache.path_for(cfg)
@@ -95,10 +96,11 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
     device = runtime.pick_device(cfg["device"])
     arch, layers = cfg["encoder.arch"], cfg["layers"]
     taps = encoder.extractor(job.model, arch, layers).to(device)
-    writer = feature_cache.Writer(target, attrs, _meta(job, items), job.shapes, cfg["cache.dtype"])
+    image_size = cfg["data.image_size"]
+    _show_size(job.shapes, len(job.split.train) + len(job.split.eval), image_size, cfg["cache.dtype"])
+    writer = feature_cache.Writer(target, attrs, _meta(job, items), job.shapes, cfg["cache.dtype"], image_size)
     dtype = getattr(torch, cfg["cache.dtype"])
     total = sum(len(part) for part in items.values())
-    _show_size(job.shapes, len(job.split.train) + len(job.split.eval), cfg["cache.dtype"])
     done_before = writer.done("train") + writer.done("eval")
     if done_before:
         console.print(f"resuming {writer.partial}: {done_before:,} of {total:,} images already extracted")
@@ -111,7 +113,7 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
             task = bar.add_task("extract", total=total, completed=done_before, rate="")
             for name, part in items.items():
                 starts = range(writer.done(name), len(part), batch_size)
-                decode = lambda s: np.stack([job.dataset.load_image(m) for m, _ in part[s:s + batch_size]])
+                decode = lambda s: np.stack([job.dataset.load_image(m, image_size) for m, _ in part[s:s + batch_size]])
                 pending = pool.submit(decode, starts[0]) if starts else None
                 for i, start in enumerate(starts):
                     images = pending.result()
@@ -146,12 +148,13 @@ def forward(taps, images, input_size, arch, device, dtype=torch.float32):
     return {k: v.to(dtype).cpu().numpy() for k, v in taps(x).items()}
 
 
-def _show_size(shapes, images, dtype):
+def _show_size(shapes, images, image_size, dtype):
     """Say what the cache will cost before spending it: `layers=all` is eight times the features."""
     per_image = {layer: feature_cache.layer_bytes(shape, dtype) for layer, shape in shapes.items()}
-    total = feature_cache.expected_bytes(shapes, images, dtype)
-    console.print("cache size: " + ", ".join(f"{layer} {b / 1024:,.1f} KiB" for layer, b in per_image.items())
-                  + f" per image; {images:,} images -> {total / 2**20:,.1f} MiB", soft_wrap=True)
+    total = feature_cache.expected_bytes(shapes, images, image_size, dtype)
+    console.print(f"expected cache size: {total / 2**20:,.1f} MiB for {images:,} images; per image: "
+                  f"{image_size}x{image_size} image {image_size * image_size * 3 / 1024:,.1f} KiB, "
+                  + ", ".join(f"{layer} {b / 1024:,.1f} KiB" for layer, b in per_image.items()), soft_wrap=True)
 
 
 def _show_classes(split, seed):

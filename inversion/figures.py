@@ -2,7 +2,9 @@
 itself, so a figure separated from its report still says which AlexNet it inverts; `provenance`
 (config and cache hashes, library versions) goes into the file's metadata.
 
-Figures have fixed sizes in inches at DPI, so their pixel size is known: see `*_inches`.
+Figures have fixed sizes in inches at DPI, so their pixel size is known: see `*_inches`. Image
+figures are laid out for 64-pixel images and grow by image_size / 64 for larger ones, so every
+image is drawn at the same magnification and no reconstructed pixel is dropped.
 """
 
 from pathlib import Path
@@ -54,8 +56,8 @@ def loss_curves(histories, path, note, provenance=""):
 def comparison_grid(originals, reconstructions, row_labels, path, note, provenance=""):
     """The paper-style grid: a row per image, columns original | one per layer."""
     columns = {"original": originals, **reconstructions}
-    rows = len(originals)
-    fig, axes = plt.subplots(rows, len(columns), figsize=comparison_inches(rows, len(columns)), squeeze=False)
+    rows, size = len(originals), originals.shape[1]
+    fig, axes = plt.subplots(rows, len(columns), figsize=comparison_inches(rows, len(columns), size), squeeze=False)
     for c, (title, images) in enumerate(columns.items()):
         axes[0][c].set_title(title, fontsize=9)
         for r in range(rows):
@@ -65,7 +67,7 @@ def comparison_grid(originals, reconstructions, row_labels, path, note, provenan
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
-    width, height = comparison_inches(rows, len(columns))
+    width, height = comparison_inches(rows, len(columns), size)
     fig.suptitle(f"Reconstructions from each layer (eval images)\n{note}", fontsize=8, y=1 - 0.08 / height,
                  va="top")
     fig.subplots_adjust(left=LABEL / width, right=1 - 0.1 / width, top=1 - HEADER / height,
@@ -75,7 +77,7 @@ def comparison_grid(originals, reconstructions, row_labels, path, note, provenan
 
 def layer_grid(originals, reconstruction, layer, path, note, provenance=""):
     """n x n originals beside the same n x n reconstructed from one layer."""
-    fig, axes = plt.subplots(1, 2, figsize=LAYER_GRID_INCHES)
+    fig, axes = plt.subplots(1, 2, figsize=layer_grid_inches(originals.shape[1]))
     for ax, images, title in ((axes[0], originals, "original"), (axes[1], reconstruction, f"from {layer}")):
         ax.imshow(mosaic(images), interpolation="nearest")
         ax.set_title(title, fontsize=10)
@@ -102,11 +104,17 @@ def loss_panels_inches(n):
 
 
 LOSS_ALL_INCHES = (6.4, 4.8)
-LAYER_GRID_INCHES = (10.0, 5.6)
+LAYER_GRID_INCHES = (10.0, 5.6)  # for 64-pixel images
 
 
-def comparison_inches(rows, cols):
-    return (LABEL + CELL * cols + 0.1, HEADER + CELL * rows + 0.1)
+def layer_grid_inches(image_size=64):
+    scale = max(1.0, image_size / 64)
+    return (LAYER_GRID_INCHES[0] * scale, LAYER_GRID_INCHES[1] * scale)
+
+
+def comparison_inches(rows, cols, image_size=64):
+    cell = CELL * max(1.0, image_size / 64)
+    return (LABEL + cell * cols + 0.1, HEADER + cell * rows + 0.1)
 
 
 def pixel_size(inches):

@@ -108,7 +108,7 @@ def _baselines(cache, originals, labels, normaliser, chunk=2048):
     """Reconstruct every eval image as the mean training image, or its class's mean training image."""
     train_images, train_labels = cache["train"]["images"], cache.load("train", "labels")
     classes = len(cache.attrs["class_wnids"])
-    sums = np.zeros((classes, 64, 64, 3))
+    sums = np.zeros((classes, *train_images.shape[1:]))
     for start in range(0, len(train_images), chunk):
         block, block_labels = train_images[start:start + chunk], train_labels[start:start + chunk]
         for c in np.unique(block_labels):

@@ -1,7 +1,7 @@
 """Stage two: train one decoder per layer straight from the cached tensors.
 
 Nothing here touches AlexNet or a JPEG: inputs are the cached activations, targets the cached
-64x64 images scaled to [0, 1]. Each epoch ends in an atomically written `last.pt` (and `best.pt`
+images scaled to [0, 1]. Each epoch ends in an atomically written `last.pt` (and `best.pt`
 when the eval loss improves), so a killed run loses at most the epoch in progress and a re-run
 continues from `last.pt` up to `train.epochs`.
 """
@@ -57,9 +57,10 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     out.mkdir(parents=True, exist_ok=True)
     shape = cache["train"][layer].shape[1:]
     guard = {"cache_hash": cache.attrs["cache_hash"],
-             "decoder": {"layer": layer, "in_shape": list(shape), "width": cfg["decoder.width"]}}
+             "decoder": {"layer": layer, "in_shape": list(shape), "width": cfg["decoder.width"],
+                         "out_size": cfg["data.image_size"]}}
     torch.manual_seed(_seed(cfg["seed"], layer))
-    model = Decoder(shape, cfg["decoder.width"]).to(device)
+    model = Decoder(shape, cfg["decoder.width"], out_size=cfg["data.image_size"]).to(device)
     history = []
     checkpoint = _resume_point(out / "last.pt", guard, fresh)
     if checkpoint:
@@ -147,7 +148,7 @@ def load_decoder(path, device="cpu"):
     """(decoder in eval mode, checkpoint dict) from a `last.pt` or `best.pt`."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     spec = checkpoint["decoder"]
-    model = Decoder(tuple(spec["in_shape"]), spec["width"])
+    model = Decoder(tuple(spec["in_shape"]), spec["width"], out_size=spec.get("out_size", 64))  # 64: older checkpoints
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), checkpoint
 
@@ -167,7 +168,7 @@ def evaluate(model, x_all, y_all, batch, device):
 
 @torch.no_grad()
 def reconstruct(model, x_all, batch, device):
-    """Decoder outputs for a whole split, clamped to [0, 1], as a CPU float tensor (N, 3, 64, 64)."""
+    """Decoder outputs for a whole split, clamped to [0, 1], as a CPU float tensor (N, 3, S, S)."""
     model.eval()
     outs = []
     for start in range(0, len(x_all), batch):
@@ -178,7 +179,7 @@ def reconstruct(model, x_all, batch, device):
 
 
 def to_target(images):
-    """uint8 (B, 64, 64, 3) -> float (B, 3, 64, 64) in [0, 1]: what decoders predict."""
+    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [0, 1]: what decoders predict."""
     return images.permute(0, 3, 1, 2).float().div_(255)
 
 

@@ -1,7 +1,9 @@
 """The three command lines: bad input is one line on stderr, a non-zero exit code, no traceback."""
 
 import importlib
+import json
 
+import h5py
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -36,8 +38,11 @@ def cfg_file(tmp_path, tiny_zip):
     (["--set", "data.path=/nowhere/tiny.zip"], "/nowhere/tiny.zip"),
     (["--set", "layers=[conv2,pool9]"], "pool9"),
     (["--set", "split.num_classes=0"], "split.num_classes"),
-    (["--set", "split.num_classes=201"], "split.num_classes"),
-    (["--set", "split.eval_per_class=51"], "split.eval_per_class"),
+    (["--set", "split.num_classes=201"], "split.num_classes: 201 is outside 1..5"),
+    (["--set", "split.eval_per_class=51"], "split.eval_per_class: class n0000000"),
+    (["--set", "split.eval_per_class=51"], "has 3 val images, 51 requested"),
+    (["--set", "data.format=imagefolder"], "no train/<class>/<image> found"),
+    (["--set", "data.image_size=48"], "data.image_size"),
     (["--set", "split.num_classes=6"], "split.num_classes: 6 is outside 1..5"),
     (["--set", "unknown=1"], "unknown"),
 ])
@@ -117,3 +122,39 @@ def test_all_eight_alexnet_layers_end_to_end(cfg_file, tmp_path):
     assert list(metrics["layers"]) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
     with Image.open(tmp_path / "out" / "reconstructions.png") as im:
         assert im.size == figures.pixel_size(figures.comparison_inches(2, 9))  # original + eight layers
+def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
+    """The three commands on a zip of odd-sized images without val/: 128 px cache, decoders, figures."""
+    from PIL import Image
+
+    from inversion import figures, synthetic, training
+
+    folders = synthetic.write_imagefolder(tmp_path / "folders.zip", classes=3, train_per_class=6)
+    args = ["--set", f"data.path={folders}", "--set", "data.format=auto", "--set", "data.image_size=128",
+            "--set", f"cache.dir={tmp_path}/cache", "--set", f"output.dir={tmp_path}/out",
+            "--set", "encoder.weights=random", "--set", "split.num_classes=3", "--set", "split.eval_per_class=2",
+            "--set", "layers=[conv2,fc8]", "--set", "train.batch_size=4", "--set", "train.epochs=1",
+            "--set", "render.num_images=3", "--set", "render.grid_size=2", "--set", "device=cpu"]
+    result = invoke("extract_features", *args)
+    assert result.exit_code == 0, result.output
+    assert "imagefolder layout, detected" in result.output and "expected cache size:" in result.output
+    cache, = (tmp_path / "cache").glob("features-*.h5")
+    with h5py.File(cache) as f:
+        assert f["train/images"].shape == (3 * 4, 128, 128, 3) and f["eval/images"].shape == (3 * 2, 128, 128, 3)
+        assert not set(f["train/paths"][()]) & set(f["eval/paths"][()])
+    result = invoke("train_decoders", *args)
+    assert result.exit_code == 0, result.output
+    model, checkpoint = training.load_decoder(tmp_path / "out/decoders/conv2/last.pt")
+    assert checkpoint["decoder"]["out_size"] == 128
+    assert model(torch.zeros(1, 192, 13, 13)).shape == (1, 3, 128, 128)
+    result = invoke("render", *args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert set(metrics["layers"]) == {"conv2", "fc8"} and metrics["eval_images"] == 6
+    assert all(0 < v["mse"] < 1 for v in [*metrics["layers"].values(), *metrics["baselines"].values()])
+    assert {"reconstructions.png", "grid_conv2.png", "grid_fc8.png"} <= set(metrics["figures"])
+    with Image.open(tmp_path / "out/reconstructions.png") as im:  # cells grow with the images: 2 x 1.1 in
+        assert im.size == figures.pixel_size(figures.comparison_inches(3, 3, 128)) and im.size[0] > 3 * 2 * 110
+    with Image.open(tmp_path / "out/grid_conv2.png") as im:
+        assert im.size == (2000, 1120)
+    result = invoke("train_decoders", *args, "--describe", "--layers", "conv2")
+    assert "128x128" in result.output

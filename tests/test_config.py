@@ -25,8 +25,11 @@ def test_set_overrides_parse_yaml_scalars(tmp_path):
     ("train.epochs=many", "train.epochs"),
     ("train.epochs=true", "train.epochs"),
     ("split.num_classes=0", "split.num_classes"),
-    ("split.num_classes=201", "split.num_classes"),
-    ("split.eval_per_class=51", "split.eval_per_class"),
+    ("split.eval_per_class=0", "split.eval_per_class"),
+    ("split.train_per_class=0", "split.train_per_class"),
+    ("data.format=coco", "data.format"),
+    ("data.image_size=100", "a power of two >= 16"),
+    ("data.image_size=8", "data.image_size"),
     ("layers=[conv2, conv9]", "unknown layer 'conv9'"),
     ("layers=[]", "layers"),
     ("cache.dtype=int8", "cache.dtype"),
@@ -56,4 +59,13 @@ def test_cache_name_depends_only_on_the_settings_that_shape_it():
     assert feature_cache.path_for(a) == feature_cache.path_for(dict(a))
     assert feature_cache.path_for(a) != feature_cache.path_for(dict(a, seed=1))
     assert feature_cache.path_for(a) != feature_cache.path_for(dict(a, **{"cache.dtype": "float32"}))
+    assert feature_cache.path_for(a) != feature_cache.path_for(dict(a, **{"data.image_size": 128}))
+    assert feature_cache.path_for(a) != feature_cache.path_for(dict(a, **{"data.format": "imagefolder"}))
     assert feature_cache.path_for(a) == feature_cache.path_for(dict(a, **{"train.lr": 1.0, "data.path": "x"}))
+
+
+def test_split_sizes_have_no_fixed_upper_bound():
+    """The data decides how many classes and images there are (ImageNet: 1,000 classes, ~1,300 each)."""
+    cfg = config.load(ROOT / "config.yaml", ["split.num_classes=1000", "split.eval_per_class=100",
+                                             "split.train_per_class=1300", "data.image_size=256"])
+    assert (cfg["split.num_classes"], cfg["split.train_per_class"], cfg["data.image_size"]) == (1000, 1300, 256)

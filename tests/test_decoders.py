@@ -69,3 +69,23 @@ def test_larger_outputs_add_up_convolutions(out_size, uconvs):
     assert sum(r[0].startswith("uconv") for r in decoders.describe(model)) == uconvs
     with pytest.raises(ValueError, match="power of two"):
         decoders.Decoder(SHAPES["fc6"], out_size=100)
+@pytest.mark.parametrize("out_size", [32, 128, 256])
+@pytest.mark.parametrize("layer", ["conv2", "fc8"])
+def test_any_power_of_two_output_adds_or_drops_up_convolutions(layer, out_size):
+    model = decoders.Decoder(SHAPES[layer], 0.5, out_size=out_size)
+    assert model(torch.randn(1, *SHAPES[layer])).shape == (1, 3, out_size, out_size)
+    grid = 16 if layer == "conv2" else 4
+    uconvs = [r for r in decoders.describe(model) if r[0].startswith("uconv")]
+    assert len(uconvs) == (out_size // grid).bit_length() - 1  # log2(out_size / grid)
+
+
+def test_the_up_convolution_stack_keeps_halving_past_the_papers_four():
+    rows = decoders.describe(decoders.Decoder(SHAPES["fc8"], 0.5, out_size=256))  # 4 -> 256: 6 steps
+    assert [r[3] for r in rows if r[0].startswith("uconv")] == [128, 64, 32, 16, 8, 3]
+    assert decoders.describe(decoders.Decoder(SHAPES["conv2"], 1.0, out_size=128))[-3][3] == 256
+
+
+def test_a_map_larger_than_half_a_small_output_is_halved_first():
+    model = decoders.Decoder(SHAPES["conv2"], out_size=16)  # 13x13 -> stride 2 -> 7x7 -> 8x8 -> 16x16
+    assert model(torch.randn(1, *SHAPES["conv2"])).shape == (1, 3, 16, 16)
+    assert [(r[2], r[4]) for r in decoders.describe(model) if r[0].startswith("conv")][0] == (2, "7x7")

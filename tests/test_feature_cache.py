@@ -1,3 +1,4 @@
+import io
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import WNIDS, make_cfg, write_tiny_imagenet
 from inversion import data, encoder, extraction, feature_cache
@@ -141,3 +143,24 @@ def test_any_classifier_caches_its_nodes_as_named_datasets(tiny_zip, tmp_path):
         for layer in ("layer2", "fc"):
             np.testing.assert_allclose(cache.load("eval", layer), direct[layer].numpy(), rtol=1e-5, atol=1e-5)
     assert feature_cache.path_for(cfg) == path != feature_cache.path_for(dict(cfg, **{"encoder.arch": "alexnet"}))
+def test_tiny_imagenet_images_are_stored_exactly_as_decoded(built, tiny_zip):
+    """At the default image_size the cache holds each JPEG's own pixels: nothing is resampled."""
+    cfg, path = built
+    ds = data.TinyImageNet(tiny_zip)
+    with h5py.File(path) as f:
+        assert f["train/images"].shape[1:] == (64, 64, 3)
+        for i, member in enumerate(p.decode() for p in f["eval/paths"][()]):
+            with Image.open(io.BytesIO(ds.files.read(member))) as im:
+                np.testing.assert_array_equal(f["eval/images"][i], np.asarray(im.convert("RGB")))
+
+
+def test_expected_bytes_is_what_the_cache_holds(built):
+    cfg, path = built
+    shapes = encoder.feature_shapes("alexnet", cfg["encoder.input_size"], cfg["layers"])
+    with h5py.File(path) as f:
+        n = sum(len(f[s]["labels"]) for s in feature_cache.SPLITS)
+        stored = sum(f[s][k].size * f[s][k].dtype.itemsize for s in feature_cache.SPLITS
+                     for k in ["images", *cfg["layers"]])
+    assert feature_cache.expected_bytes(shapes, n, 64, cfg["cache.dtype"]) == stored
+    # 128 px: only the image grows, four times; conv2 alone in float16 is 192*13*13*2 bytes
+    assert feature_cache.expected_bytes({"conv2": (192, 13, 13)}, 10, 128, "float16") == 10 * (128 * 128 * 3 + 64896)

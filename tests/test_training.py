@@ -90,3 +90,13 @@ def test_training_needs_neither_encoder_weights_nor_the_dataset(built, tmp_path)
     result = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
                             env={"TORCH_HOME": str(tmp_path / "no_torch_home"), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_checkpoints_from_before_image_size_load_as_64_pixel_decoders(built, tmp_path):
+    train(cfg_in(built, tmp_path, **{"train.epochs": 1}))
+    path = tmp_path / "decoders/conv5/last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["decoder"].pop("out_size") == 64
+    torch.save(checkpoint, tmp_path / "old.pt")
+    model, _ = training.load_decoder(tmp_path / "old.pt")
+    assert model(torch.zeros(1, 256, 6, 6)).shape == (1, 3, 64, 64)
