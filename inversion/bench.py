@@ -193,7 +193,7 @@ def _read_rate(cache, layer, batch, mode, device, min_seconds=1.0):
     rng = np.random.default_rng(0)
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < min_seconds:
-        for bx, by in training.batches(x, y, batch, rng, 1024, device):
+        for bx, _, _ in training.batches(x, y, batch, rng, 1024, device):
             done += len(bx)
     _sync(device)
     return done / (time.perf_counter() - t0)

@@ -1,6 +1,7 @@
 """What every command line shares: the console, progress bars, summaries, error exits."""
 
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -10,7 +11,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .errors import UserError
 
-console = Console(stderr=True, highlight=False)
+# Under torchrun only rank 0 talks; errors and per-rank summaries come from every rank, prefixed.
+RANK = int(os.environ.get("RANK", "0"))
+PREFIX = f"rank {RANK}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+console = Console(stderr=True, highlight=False, quiet=RANK != 0)
+_every_rank = Console(stderr=True, highlight=False)
 
 ConfigOption = typer.Option(Path("config.yaml"), "--config", help="YAML config file.")
 SetOption = typer.Option([], "--set", help="Override a config key: dotted.key=value (YAML scalar). Repeatable.")
@@ -29,10 +34,11 @@ def rate_text(done, seconds, unit):
     return f"{done / seconds:,.1f} {unit}/s" if seconds > 0 else ""
 
 
-def summary(what, items, seconds, unit, extra=""):
+def summary(what, items, seconds, unit, extra="", every_rank=False):
     """The one line every long step ends with."""
     line = f"{what}: {items:,} {unit} in {seconds:.1f} s ({items / max(seconds, 1e-9):,.1f} {unit}/s)"
-    console.print(line + (f", {extra}" if extra else ""), soft_wrap=True)
+    (_every_rank if every_rank else console).print(PREFIX * every_rank + line + (f", {extra}" if extra else ""),
+                                                   soft_wrap=True)
 
 
 def warn(message):
@@ -46,7 +52,7 @@ def run(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            console.print(f"[bold red]error[/]: {e}", soft_wrap=True)
+            _every_rank.print(f"{PREFIX}[bold red]error[/]: {e}", soft_wrap=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             console.print("interrupted; completed work is kept, re-run to continue")

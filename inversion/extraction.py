@@ -1,5 +1,6 @@
 """Stage one: images -> frozen encoder -> feature cache. Runs once per config."""
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from . import data, encoder, feature_cache, runtime, storage
+from . import data, distributed, encoder, feature_cache, runtime, storage
 from .errors import UserError
 from .console import Timer, console, progress, rate_text, summary, warn
 
@@ -17,7 +18,10 @@ def extract(cfg):
     job = prepare(cfg)
     if job.hit:
         return job.path
-    with storage.lock(job.path.with_name(job.path.name + ".lock"), job.path):  # a second process refuses
+    # A second process writing the same file refuses; under torchrun each rank guards its own part.
+    target = job.path if not distributed.launched() else feature_cache.part_path(
+        job.path, distributed.rank(), distributed.world_size())
+    with storage.lock(target.with_name(target.name + ".lock"), target):
         existing = feature_cache.read_attrs(job.path)
         if existing and existing["cache_hash"] == job.attrs["cache_hash"]:
             console.print(f"cache hit: {job.path} (finished by another process meanwhile)")
@@ -52,40 +56,83 @@ def prepare(cfg):
 
 
 def build(cfg, job):
-    """Run the encoder over the split and write the cache (resuming a `.partial` one)."""
-    dataset, split, model, shapes, attrs, path = job.dataset, job.split, job.model, job.shapes, job.attrs, job.path
+    """Run the encoder over the split and write the cache (resuming a `.partial` one). Under
+    torchrun each rank writes its share into a part file and rank 0 joins them (see _build_sharded)."""
+    if distributed.launched():
+        return _build_sharded(cfg, job)
+    items = {"train": job.split.train, "eval": job.split.eval}
+    seconds, done = _extract_into(cfg, job, job.path, items, job.attrs)
+    size = job.path.stat().st_size / 2**20
+    summary("extracted", done, seconds, "images", f"cache {job.path} ({size:,.1f} MiB)")
+    return job.path
+
+
+def _build_sharded(cfg, job):
+    """Rank r extracts the r-th contiguous slice of each split into `<cache>.part-<r>-of-<N>.h5`;
+    once every part is complete, rank 0 writes the cache as HDF5 virtual datasets over them."""
+    rank, world = distributed.rank(), distributed.world_size()
+    distributed.setup(runtime.pick_device(cfg["device"]))
+    reuse = feature_cache.complete_parts(job.path, job.attrs["cache_hash"])
+    distributed.barrier()  # every rank has looked before rank 0 clears anything
+    if reuse:
+        console.print(f"reusing {len(reuse)} complete part files (a {len(reuse)}-rank extraction); nothing to redo")
+    parts = reuse or [feature_cache.part_path(job.path, r, world) for r in range(world)]
+    if not reuse:
+        stale = feature_cache.clear_parts(job.path, keep=parts) if distributed.is_main() else []
+        if stale:
+            console.print(f"removed {len(stale)} part files of an unfinished run with another number of ranks; "
+                          f"their images are extracted again by these {world} ranks")
+        sizes = {name: len(items) for name, items in (("train", job.split.train), ("eval", job.split.eval))}
+        # Shares in whole batches: every batch is the one a single process would run.
+        ranges = {name: distributed.share(n, rank, world, cfg["extract.batch_size"]) for name, n in sizes.items()}
+        items = {"train": job.split.train[slice(*ranges["train"])], "eval": job.split.eval[slice(*ranges["eval"])]}
+        attrs = {**job.attrs, "part": json.dumps({"rank": rank, "world": world, "ranges": ranges})}
+        if (feature_cache.read_attrs(parts[rank]) or {}).get("cache_hash") != job.attrs["cache_hash"]:
+            seconds, done = _extract_into(cfg, job, parts[rank], items, attrs, world)
+            summary("extracted", done, seconds, "images", f"part {parts[rank]}", every_rank=True)
+    distributed.barrier()
+    if distributed.is_main():
+        feature_cache.assemble(job.path, job.attrs, _meta(job, {"train": job.split.train, "eval": job.split.eval}),
+                               parts)
+        console.print(f"cache {job.path}: virtual datasets over {len(parts)} part files")
+    distributed.barrier()
+    distributed.teardown()
+    return job.path
+
+
+def _extract_into(cfg, job, target, items, attrs, world=1):
+    """Decode, encode and write `items` ({split: [(member, label)]}) into the file `target`;
+    returns (seconds, images extracted now)."""
     device = runtime.pick_device(cfg["device"])
     arch, layers = cfg["encoder.arch"], cfg["layers"]
-    taps = encoder.extractor(model, arch, layers).to(device)
-    meta = {name: ([label for _, label in items], [split.wnids[label] for _, label in items],
-                   [dataset.root + member for member, _ in items])
-            for name, items in (("train", split.train), ("eval", split.eval))}
+    taps = encoder.extractor(job.model, arch, layers).to(device)
     image_size = cfg["data.image_size"]
-    total = len(split.train) + len(split.eval)
-    _show_size(shapes, total, image_size, cfg["cache.dtype"])
-    writer = feature_cache.Writer(path, attrs, meta, shapes, cfg["cache.dtype"], image_size)
+    _show_size(job.shapes, len(job.split.train) + len(job.split.eval), image_size, cfg["cache.dtype"])
+    writer = feature_cache.Writer(target, attrs, _meta(job, items), job.shapes, cfg["cache.dtype"], image_size)
     dtype = getattr(torch, cfg["cache.dtype"])
+    total = sum(len(part) for part in items.values())
     done_before = writer.done("train") + writer.done("eval")
     if done_before:
         console.print(f"resuming {writer.partial}: {done_before:,} of {total:,} images already extracted")
     batch_size = cfg["extract.batch_size"]
-    console.print(f"extracting {', '.join(layers)} on {runtime.describe_device(device)}, batch {batch_size}")
+    console.print(f"extracting {', '.join(layers)} on {runtime.describe_device(device)}, batch {batch_size}"
+                  + (f", {world} ranks (rate shown: this rank's x {world})" if world > 1 else ""))
     finished = False
     try:
         with Timer() as timer, progress() as bar, ThreadPoolExecutor(1) as pool:
             task = bar.add_task("extract", total=total, completed=done_before, rate="")
-            for name, items in (("train", split.train), ("eval", split.eval)):
-                starts = range(writer.done(name), len(items), batch_size)
-                decode = lambda s: np.stack([dataset.load_image(m, image_size) for m, _ in items[s:s + batch_size]])
+            for name, part in items.items():
+                starts = range(writer.done(name), len(part), batch_size)
+                decode = lambda s: np.stack([job.dataset.load_image(m, image_size) for m, _ in part[s:s + batch_size]])
                 pending = pool.submit(decode, starts[0]) if starts else None
                 for i, start in enumerate(starts):
                     images = pending.result()
-                    if i + 1 < len(starts):  # decode the next batch while AlexNet runs on this one
+                    if i + 1 < len(starts):  # decode the next batch while the encoder runs on this one
                         pending = pool.submit(decode, starts[i + 1])
                     features = forward(taps, images, cfg["encoder.input_size"], arch, device, dtype)
                     writer.write(name, start, images, features)
                     bar.update(task, advance=len(images),
-                               rate=rate_text(bar.tasks[0].completed - done_before, timer.seconds, "img"))
+                               rate=rate_text(world * (bar.tasks[0].completed - done_before), timer.seconds, "img"))
             writer.finish()
             finished = True
     except storage.DiskError:  # the disk is full: keep the partial file for a re-run with room
@@ -97,9 +144,13 @@ def build(cfg, job):
     finally:
         if not finished:
             writer.close()
-    size = path.stat().st_size / 2**20
-    summary("extracted", total - done_before, timer.seconds, "images", f"cache {path} ({size:,.1f} MiB)")
-    return path
+    return timer.seconds, total - done_before
+
+
+def _meta(job, items):
+    """Labels, wnids and archive paths of `items`, per split: what the cache stores beside the features."""
+    return {name: ([label for _, label in part], [job.split.wnids[label] for _, label in part],
+                   [job.dataset.root + member for member, _ in part]) for name, part in items.items()}
 
 
 @torch.inference_mode()

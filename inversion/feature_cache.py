@@ -227,14 +227,91 @@ def make_attrs(cfg, sources, encoder_identity, wnids, names, versions, layers):
 
 
 def read_attrs(path):
-    """The root attributes with JSON decoded, or None if the file is not a complete cache."""
+    """The root attributes with JSON decoded, or None if the file is not a complete cache (for a
+    sharded cache: if any of its part files is missing or incomplete, since a virtual dataset would
+    silently read zeros where a part is missing)."""
     try:
         with h5py.File(path, "r") as f:
             if not f.attrs.get("complete", False):
                 return None
-            return {k: _decode(f.attrs[k]) for k in ATTRS if k in f.attrs}
+            attrs = {k: _decode(f.attrs[k]) for k in (*ATTRS, "parts") if k in f.attrs}
     except OSError:
         return None
+    for part in attrs.get("parts", []):
+        part_attrs = read_attrs(Path(path).parent / part)
+        if part_attrs is None or part_attrs["cache_hash"] != attrs["cache_hash"]:
+            return None
+    return attrs
+
+
+# Sharded extraction (torchrun): rank r of N writes `<cache>.part-<r>-of-<N>.h5` with the same
+# schema over its contiguous slice of each split; the cache itself is then a file of virtual
+# datasets over the parts (relative names: the folder can move as a whole).
+
+def part_path(path, rank, world):
+    return Path(path).with_name(f"{Path(path).name}.part-{rank}-of-{world}.h5")
+
+
+def complete_parts(path, cache_hash):
+    """Paths of a complete set of part files for this cache (any world size), in rank order, or []."""
+    for world in sorted({int(p.name.rsplit("-of-", 1)[1][:-3]) for p in _part_files(path)}):
+        parts = [part_path(path, r, world) for r in range(world)]
+        attrs = [read_attrs(p) if p.exists() else None for p in parts]
+        if all(a is not None and a["cache_hash"] == cache_hash for a in attrs):
+            return parts
+    return []
+
+
+def clear_parts(path, keep):
+    """Remove part files (finished or partial) other than `keep` and their partials; returns them."""
+    keep = {Path(p).name for p in keep} | {Path(p).name + ".partial" for p in keep}
+    stale = [p for p in _part_files(path, partial=True) if p.name not in keep]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def assemble(path, attrs, meta, parts):
+    """Write the cache at `path` as virtual datasets over `parts` (written as .partial, renamed)."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    sources = [h5py.File(p, "r") for p in parts]
+    try:
+        with h5py.File(partial, "w") as f:
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            f.attrs["parts"] = json.dumps([Path(p).name for p in parts])
+            for split in SPLITS:
+                labels, wnids, paths = meta[split]
+                group = f.create_group(split)
+                group.attrs["done"] = len(labels)
+                group["labels"] = np.asarray(labels, dtype=np.int64)
+                group["wnids"] = np.asarray(wnids, dtype=h5py.string_dtype())
+                group["paths"] = np.asarray(paths, dtype=h5py.string_dtype())
+                for name in sources[0][split]:
+                    if name in ("labels", "wnids", "paths"):
+                        continue
+                    pieces = [src[split][name] for src in sources]
+                    layout = h5py.VirtualLayout((len(labels), *pieces[0].shape[1:]), pieces[0].dtype)
+                    start = 0
+                    for part, piece in zip(parts, pieces):
+                        layout[start:start + len(piece)] = h5py.VirtualSource(Path(part).name, piece.name,
+                                                                              piece.shape, piece.dtype)
+                        start += len(piece)
+                    group.create_virtual_dataset(name, layout)
+            f.attrs["complete"] = True
+    finally:
+        for src in sources:
+            src.close()
+    partial.replace(path)
+
+
+def _part_files(path, partial=False):
+    path = Path(path)
+    if not path.parent.exists():
+        return []
+    files = path.parent.glob(f"{path.name}.part-*-of-*.h5*")  # not the .lock files: their owners hold them
+    return sorted(p for p in files if p.name.endswith(".h5") or (partial and p.name.endswith(".h5.partial")))
 
 
 def open_for(cfg, layers=()):
@@ -283,14 +360,15 @@ class Cache:
         self.close()
 
 
-def stream(x, y, batch_size, buffer_size, rng):
+def stream(x, y, batch_size, buffer_size, rng, rank=0, world=1):
     """Batches (x, y) from HDF5 in shuffled contiguous blocks, mixed in a shuffle buffer.
 
-    Reads whole chunks in sequence, so memory is bounded by the buffer, not the split.
+    Reads whole chunks in sequence, so memory is bounded by the buffer, not the split. Under
+    torchrun, rank r reads only every world-th block of the same seeded block order.
     """
     n = len(x)
-    block = x.chunks[0] if x.chunks else batch_size
-    starts = rng.permutation(np.arange(0, n, block))
+    block = (x.chunks or _chunks(n, x.shape[1:], x.dtype.itemsize))[0]  # virtual datasets have no chunks
+    starts = rng.permutation(np.arange(0, n, block))[rank::world]
     buf_x, buf_y = [], []
     held = 0
     for i, start in enumerate(starts):

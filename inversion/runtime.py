@@ -1,5 +1,6 @@
 """Where code runs and with what: device choice and the library versions stamped on artifacts."""
 
+import os
 import platform
 from importlib import metadata
 
@@ -11,6 +12,9 @@ from .errors import UserError
 
 
 def pick_device(name="auto"):
+    """Under torchrun, `auto` and `cuda` mean this rank's GPU (cuda:LOCAL_RANK)."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

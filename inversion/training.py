@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.table import Table
+from torch.nn.parallel import DistributedDataParallel
 
-from . import config, feature_cache, runtime, storage
+from . import config, distributed, feature_cache, runtime, storage
 from .console import Timer, console, progress, rate_text, summary, warn
 from .decoders import Decoder
 from .errors import UserError
@@ -38,15 +39,18 @@ def train(cfg, layers=None, fresh=False):
     layers = layers or cfg["layers"]
     cache = feature_cache.open_for(cfg, layers)
     device = runtime.pick_device(cfg["device"])
-    console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device)}")
+    distributed.setup(device)
+    ranks = f", {distributed.world_size()} ranks (DistributedDataParallel)" if distributed.launched() else ""
+    console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device)}{ranks}")
     histories = {}
     with Timer() as timer, cache, contextlib.ExitStack() as locks:
-        for layer in layers:  # all before any work, so a second run refuses at once
+        for layer in layers if distributed.is_main() else ():  # all before any work: a second run refuses at once
             locks.enter_context(storage.lock(decoder_dir(cfg, layer) / "train.lock", decoder_dir(cfg, layer)))
         samples = 0
         for layer in layers:
             histories[layer], start = train_layer(cfg, cache, layer, device, fresh)
             samples += sum(h["samples"] for h in histories[layer][start:])
+    distributed.teardown()
     _show_summary(histories)
     summary("trained", samples, timer.seconds, "samples", f"{len(layers)} decoders in {decoder_dir(cfg)}")
     return histories
@@ -66,16 +70,24 @@ def train_layer(cfg, cache, layer, device, fresh=False):
                          "out_size": cfg["data.image_size"]}}
     torch.manual_seed(_seed(cfg["seed"], layer))
     model = Decoder(shape, cfg["decoder.width"], out_size=cfg["data.image_size"]).to(device)
-    optimizer = adam(model.parameters(), device, lr=cfg["train.lr"], betas=tuple(cfg["train.betas"]),
-                     weight_decay=cfg["train.weight_decay"])
     history = []
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 first settles a damaged last.pt (moved aside, best.pt copied in)
     checkpoint = _resume_point(out, guard, fresh)
+    if distributed.is_main():
+        distributed.barrier()
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
         history = checkpoint["history"]
     else:
         model.input_scale.fill_(_rms(cache["train"][layer]))
+    # Wrapped after the weights are final: DDP copies rank 0's parameters to every rank.
+    net = model if not distributed.launched() else DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = adam(model.parameters(), device, lr=cfg["train.lr"], betas=tuple(cfg["train.betas"]),
+                     weight_decay=cfg["train.weight_decay"])
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
     start = len(history)
     epochs = cfg["train.epochs"]
     if start >= epochs:
@@ -103,7 +115,7 @@ def train_layer(cfg, cache, layer, device, fresh=False):
                 bar.update(task, rate=rate_text(bar.tasks[0].completed, time.perf_counter() - t0, "samples"))
 
             data = batches(train_x, train_y, batch, rng, cfg["train.shuffle_buffer"], device)
-            train_loss, seen = _train_epoch(model, optimizer, data, device, advance)
+            train_loss, seen = _train_epoch(net, optimizer, data, device, advance)
             eval_loss = evaluate(model, eval_x, eval_y, batch, device)
             seconds = time.perf_counter() - t0
             if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
@@ -113,33 +125,38 @@ def train_layer(cfg, cache, layer, device, fresh=False):
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "eval_loss": eval_loss, "lr": lr,
                             "seconds": round(seconds, 3), "samples": seen,
                             "samples_per_s": round(seen / seconds, 1)})
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
-                     **guard, "config_hash": config.digest(cfg), "versions": runtime.versions()}
-            with storage.replacing(out / "last.pt") as tmp:
-                torch.save(state, tmp)
-            if eval_loss < best:
-                best = eval_loss
-                with storage.replacing(out / "best.pt") as tmp:
+            if distributed.is_main():  # one writer: every rank holds the same weights
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+                         **guard, "config_hash": config.digest(cfg), "versions": runtime.versions()}
+                with storage.replacing(out / "last.pt") as tmp:
                     torch.save(state, tmp)
-            storage.write_text(out / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
+                if eval_loss < best:
+                    with storage.replacing(out / "best.pt") as tmp:
+                        torch.save(state, tmp)
+                storage.write_text(out / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
+            best = min(best, eval_loss)
             console.print(f"{layer} epoch {epoch + 1}/{epochs}: train {train_loss:.5f}  eval {eval_loss:.5f}  "
                           f"({seconds:.1f} s, {seen / seconds:,.0f} samples/s)")
     return history, start
 
 
 def _train_epoch(model, optimizer, data, device, advance):
-    """One pass over `data`; returns (mean loss, samples). The loss stays on the device until the end."""
+    """One pass over `data`; returns (mean loss, samples), over all ranks. The loss stays on the
+    device until the end."""
     model.train()
+    world = distributed.world_size()
     total, seen = torch.zeros((), device=device), 0
-    for x, y in data:
-        loss = _loss(model, x, y, device)
+    for x, y, global_batch in data:
+        weight = world * len(x) / global_batch  # DDP averages gradients over ranks: this makes it the batch mean
+        loss = _loss(model, x, y, device, weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.detach() * len(x)
+        total += loss.detach() * (len(x) / weight if weight else 0)
         seen += len(x)
-        advance(len(x))
-    return total.item() / seen, seen
+        advance(len(x) * world)
+    total, seen = distributed.all_sum([total.item(), seen], device)
+    return total / seen, int(seen)
 
 
 def load_decoder(path, device="cpu"):
@@ -167,12 +184,14 @@ def load_checkpoint(path):
 
 @torch.no_grad()
 def evaluate(model, x_all, y_all, batch, device):
-    """Mean pixel MSE over the whole split, in order."""
+    """Mean pixel MSE over the whole split, in order; under torchrun each rank takes a contiguous share."""
     model.eval()
+    start, stop = distributed.share(len(x_all), distributed.rank(), distributed.world_size())
     total, n = 0.0, 0
-    for x, y in _ordered(x_all, y_all, batch, device):
+    for x, y in _ordered(x_all, y_all, batch, device, start, stop):
         total += _loss(model, x, y, device).item() * len(x)
         n += len(x)
+    total, n = distributed.all_sum([total, n], device)
     return total / n
 
 
@@ -193,9 +212,13 @@ def to_target(images):
     return images.permute(0, 3, 1, 2).float().div_(255)
 
 
-def _loss(model, x, y, device):
+def _loss(model, x, y, device, weight=1.0):
+    """Pixel MSE of the batch, times `weight` (1 outside torchrun)."""
     with autocast(device):
-        return F.mse_loss(model(x.float()).float(), to_target(y))
+        out = model(x.float()).float()
+        if len(x) == 0:
+            return out.sum() * 0  # an empty share still joins DDP's gradient all-reduce
+        return F.mse_loss(out, to_target(y)) * weight
 
 
 def adam(parameters, device, fused=True, **options):
@@ -223,26 +246,32 @@ def inputs(cache, split, layer, in_memory, device):
 
 
 def batches(x, y, batch, rng, buffer, device):
-    """Shuffled training batches: an index permutation in memory, a shuffle buffer from HDF5."""
+    """Shuffled training batches (x, y, size of the global batch): an index permutation in memory,
+    a shuffle buffer from HDF5. Under torchrun every rank draws the same permutation and takes its
+    contiguous share of each batch, so the global batch is the single-process one; streamed, each
+    rank reads its own blocks (batch / world samples a step: results then depend on the world size)."""
+    rank, world = distributed.rank(), distributed.world_size()
     if isinstance(x, torch.Tensor):  # already on the GPU
         order = torch.from_numpy(rng.permutation(len(x))).to(x.device)
         for start in range(0, len(x), batch):
             idx = order[start:start + batch]
-            yield x[idx], y[idx]
+            mine = idx[slice(*distributed.share(len(idx), rank, world))]
+            yield x[mine], y[mine], len(idx)
     elif isinstance(x, np.ndarray):
         order = rng.permutation(len(x))
         for start in range(0, len(x), batch):
-            idx = np.sort(order[start:start + batch])  # same batch, friendlier memory access
-            yield torch.from_numpy(x[idx]).to(device), torch.from_numpy(y[idx]).to(device)
+            idx = order[start:start + batch]
+            mine = np.sort(idx[slice(*distributed.share(len(idx), rank, world))])  # friendlier memory access
+            yield torch.from_numpy(x[mine]).to(device), torch.from_numpy(y[mine]).to(device), len(idx)
     else:
-        for bx, by in feature_cache.stream(x, y, batch, buffer, rng):
-            yield torch.from_numpy(bx).to(device), torch.from_numpy(by).to(device)
+        for bx, by in feature_cache.stream(x, y, max(1, batch // world), buffer, rng, rank, world):
+            yield torch.from_numpy(bx).to(device), torch.from_numpy(by).to(device), len(bx) * world
 
 
-def _ordered(x, y, batch, device):
-    for start in range(0, len(x), batch):
-        yield (torch.as_tensor(x[start:start + batch]).to(device),
-               torch.as_tensor(y[start:start + batch]).to(device))
+def _ordered(x, y, batch, device, begin=0, end=None):
+    for start in range(begin, len(x) if end is None else end, batch):
+        stop = min(start + batch, len(x) if end is None else end)
+        yield torch.as_tensor(x[start:stop]).to(device), torch.as_tensor(y[start:stop]).to(device)
 
 
 def _rms(dataset, limit=2048):
