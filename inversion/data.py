@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import UserError
 
@@ -126,6 +126,26 @@ class TinyImageNet:
             raise UserError(f"{self.path}: image {self.root}{name} is {rgb.shape[1]}x{rgb.shape[0]}, "
                             f"expected {IMAGE_SIZE}x{IMAGE_SIZE}")
         return rgb
+
+
+def square_rgb(image, size):
+    """Any Pillow image -> RGB uint8 (size, size, 3), the way a dataset image would look:
+    EXIF rotation applied; transparency composited on white (a transparent pixel's colour is
+    arbitrary); grayscale, CMYK, palette and other modes through Pillow's RGB conversion; the
+    shorter side resized to `size` (bicubic), then the centre square cropped."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image.alpha_composite(rgba)
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    w, h = max(size, round(w * scale)), max(size, round(h * scale))
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
 @dataclass
