@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import figures, metrics, training
-from .console import progress
+from .console import Timer, progress, summary
 
 TOP_K = 5
 STEPS = 8               # interpolation: images from one endpoint to the other, both included
@@ -138,12 +138,16 @@ def run(cache, decoders, originals, unperturbed, errors, normaliser, rows, devic
     Returns (table, written files), the table as {name: {layer: {"normalized_error": e}}} with
     "unperturbed" as its first name."""
     layers = list(decoders)
-    stats = {layer: train_stats(cache["train"][layer]) for layer in layers}
-    plan = [(name, layer) for name, wanted in _applies(stats).items() for layer in wanted]
     table = {"unperturbed": {layer: {"normalized_error": errors[layer]} for layer in layers}}
     shown = {}  # (name, layer) -> the figure rows' reconstructions, (rows, H, W, 3)
-    with progress() as bar:
-        task = bar.add_task("analyses", total=len(plan), rate="")
+    with Timer() as timer, progress() as bar:
+        task = bar.add_task("analyses: training-split statistics", total=len(layers), rate="")
+        stats = {}
+        for layer in layers:
+            stats[layer] = train_stats(cache["train"][layer])
+            bar.advance(task)
+        plan = [(name, layer) for name, wanted in _applies(stats).items() for layer in wanted]
+        bar.reset(task, total=len(plan), description="analyses: perturbed eval features")
         for name, layer in plan:
             model = decoders[layer][0]
             perturb = _perturbation(name, stats[layer], seed, layer)
@@ -152,7 +156,9 @@ def run(cache, decoders, originals, unperturbed, errors, normaliser, rows, devic
             table.setdefault(name, {})[layer] = {"normalized_error": error}
             shown[name, layer] = _hwc(recon[rows])
             bar.advance(task)
-    files = _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, note, provenance, out)
+        files = _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, note, provenance, out)
+    summary("analysed", len(plan), timer.seconds, "perturbed decodings",
+            f"{len(originals):,} eval images each, {len(files)} figures")
     return table, files
 
 
@@ -217,7 +223,7 @@ def _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, not
         columns = {"original": originals}
         for layer in done:
             columns[layer] = _hwc(unperturbed[layer][rows])
-            columns[f"{layer}\n{name.removeprefix('fc8_')}"] = shown[name, layer]
+            columns[f"{layer}\n{HEADINGS[name]}"] = shown[name, layer]
         files += figures.image_table(columns, row_labels, out / f"analysis_{name}", TITLES[name], note, provenance)
 
     a, b = int(rows[0]), int(rows[1 % len(rows)])
@@ -241,6 +247,8 @@ def _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, not
     return files
 
 
+HEADINGS = {"fc8_top5_only": "top-5 only", "fc8_without_top5": "without top-5", "binarized": "binarized",
+            "dropout50": "dropout 50%"}
 TITLES = {
     "fc8_top5_only": "fc8: only each image's top-5 scores kept (the rest at their training means)",
     "fc8_without_top5": "fc8: each image's top-5 scores replaced by their training means",
@@ -255,39 +263,40 @@ TITLES = {
 
 def claims(table, baseline_error, pretrained):
     """One sentence per claim of the paper: does this run agree? `baseline_error` is the
-    normalised error of the mean-train-image baseline."""
-    base = table["unperturbed"]
+    normalised error of the mean-train-image baseline. A decoder no better than that baseline has
+    learned nothing image-specific, so perturbing its input can show nothing: such a layer makes a
+    perturbation claim inconclusive rather than agreeing."""
+    base = {layer: v["normalized_error"] for layer, v in table["unperturbed"].items()}
+    blind = [layer for layer, error in base.items() if error >= baseline_error]
     sentences = []
-    worst = max(base, key=lambda l: base[l]["normalized_error"])
-    agree = all(v["normalized_error"] < baseline_error for v in base.values())
+    worst = max(base, key=base.get)
     sentences.append(
         f"**Colours and rough positions survive in every layer** (agreement means every layer's normalised error "
         f"is below the mean training image's {baseline_error:.3f}; the worst layer, {worst}, has "
-        f"{base[worst]['normalized_error']:.3f}): "
-        + ("this run agrees." if agree else "this run does not agree."))
+        f"{base[worst]:.3f}): " + ("this run does not agree." if blind else "this run agrees."))
 
-    binary = table.get("binarized", {})
+    binary = {layer: v["normalized_error"] for layer, v in table.get("binarized", {}).items()}
     if binary:
         order = list(binary)
         higher = order[len(order) // 2:]  # the deeper half of the ReLU layers
-        change = {l: binary[l]["normalized_error"] / base[l]["normalized_error"] - 1 for l in order}
-        agree = all(change[l] <= 0.10 for l in higher)
+        change = {l: binary[l] / base[l] - 1 for l in order}
         sentences.append(
             "**Higher layers keep their information in the pattern of non-zero activations** (binarizing raises "
-            "the error by " + ", ".join(f"{change[l]:+.0%} in {l}" for l in order)
+            "the error by " + ", ".join(f"{change[l]:+.1%} in {l}" for l in order)
             + f"; agreement means at most +10% in {', '.join(higher)}): "
-            + ("this run agrees." if agree else "this run does not agree."))
+            + _verdict(all(change[l] <= 0.10 for l in higher), [l for l in higher if l in blind]))
     else:
         sentences.append("**Pattern of non-zero activations**: not tested (no rendered layer has ReLU outputs).")
 
     if "fc8_top5_only" in table:
         top5 = table["fc8_top5_only"][SCORES_LAYER]["normalized_error"]
         rest = table["fc8_without_top5"][SCORES_LAYER]["normalized_error"]
+        tie = abs(top5 - rest) < 5e-4  # equal at the precision shown
         sentences.append(
             f"**fc8 keeps most information in the small scores outside the top 5** (agreement means a lower error "
-            f"without the top 5 than with only them: {rest:.3f} vs {top5:.3f}; unperturbed "
-            f"{base[SCORES_LAYER]['normalized_error']:.3f}): "
-            + ("this run agrees." if rest < top5 else "this run does not agree."))
+            f"without the top 5 than with only them: {rest:.3f} vs {top5:.3f}; unperturbed {base[SCORES_LAYER]:.3f}): "
+            + ("the two are equal to three decimals, so this run cannot tell." if tie and SCORES_LAYER not in blind
+               else _verdict(rest < top5, [SCORES_LAYER] if SCORES_LAYER in blind else [])))
     else:
         sentences.append("**fc8's small scores**: not tested (fc8 not rendered).")
 
@@ -298,3 +307,10 @@ def claims(table, baseline_error, pretrained):
         sentences.append("**The encoder is a random-init network**: whatever these numbers say is about random "
                          "features and says nothing about what ImageNet-trained features keep.")
     return sentences
+
+
+def _verdict(agree, blind):
+    if blind:
+        return (f"inconclusive, since the decoder of {', '.join(blind)} does no better than the mean training "
+                f"image (train longer).")
+    return "this run agrees." if agree else "this run does not agree."

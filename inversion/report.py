@@ -59,11 +59,13 @@ def _render(cfg, cache, layers, num_images):
     grid = _grid_choice(labels, cfg["render.grid_size"] ** 2, cfg["seed"] + 1)
     for layer, r in recon.items():
         files += figures.layer_grid(images[grid], to_hwc(r[grid]), layer, out / f"grid_{layer}", note, provenance)
-    errors = {layer: values["normalized_error"] for layer, values in scores.items()}
-    table, analysis_files = analyses.run(cache, decoders, originals, recon, errors, normaliser,
-                                         _grid_choice(labels, analyses.FIGURE_ROWS, cfg["seed"]), device,
-                                         cfg["seed"], note, provenance, out)
-    files += analysis_files
+    table = {}
+    if cfg["render.analyses"]:
+        errors = {layer: values["normalized_error"] for layer, values in scores.items()}
+        table, analysis_files = analyses.run(cache, decoders, originals, recon, errors, normaliser,
+                                             _grid_choice(labels, analyses.FIGURE_ROWS, cfg["seed"]), device,
+                                             cfg["seed"], note, provenance, out)
+        files += analysis_files
 
     report = {
         "config_hash": config_hash,
@@ -77,9 +79,9 @@ def _render(cfg, cache, layers, num_images):
         "layers": {layer: {**scores[layer], "epochs": len(ckpt["history"])} for layer, (_, ckpt) in decoders.items()},
         "baselines": baselines,
         "top1_agreement": top1 or f"skipped: {_top1_reason(cfg, identity)}",
-        "analyses": table,
+        "analyses": table or "skipped: render.analyses is false",
         "analysis_claims": analyses.claims(table, baselines["mean_train_image"]["normalized_error"],
-                                           encoder.is_pretrained(identity)),
+                                           encoder.is_pretrained(identity)) if table else [],
         "versions": runtime.versions(),
         "figures": [str(f.relative_to(out)) for f in files],
     }
@@ -210,9 +212,10 @@ def _markdown(report):
     lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in _metric_rows(report)]
     if isinstance(report["top1_agreement"], str):
         lines += ["", f"Top-1 agreement {report['top1_agreement']}."]
-    lines += ["", "## What each layer keeps: normalised error under each analysis", ""]
-    lines += [_markdown_row(row) for row in _analysis_rows(report)]
-    lines += [""] + [f"- {sentence}" for sentence in report["analysis_claims"]]
+    if report["analysis_claims"]:
+        lines += ["", "## What each layer keeps: normalised error under each analysis", ""]
+        lines += [_markdown_row(row) for row in _analysis_rows(report)]
+        lines += [""] + [f"- {sentence}" for sentence in report["analysis_claims"]]
     lines += ["", "## Classes", "", "| label | wnid | name |", "|---:|---|---|"]
     lines += [f"| {c['label']} | {c['wnid']} | {c['name']} |" for c in report["classes"]]
     lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in report["figures"]]
@@ -241,6 +244,8 @@ def _show(report):
     for name, cells in _metric_rows(report):
         table.add_row(name, *cells)
     console.print(table)
+    if not report["analysis_claims"]:
+        return
     header, _, *rows = _analysis_rows(report)
     table = Table(title="normalised error under each analysis (figures: analysis_<name>.png)")
     for i, column in enumerate(header):

@@ -122,3 +122,11 @@ def test_analyses_take_any_layer_set(trained, tmp_path):
     table = result["report"]["analyses"]
     assert set(table) == {"unperturbed", "binarized", "dropout50"}
     assert any("fc8 not rendered" in s for s in result["report"]["analysis_claims"])
+
+
+def test_analyses_can_be_switched_off(trained, tmp_path):
+    cfg = dict(trained, **{"render.analyses": False, "output.dir": str(tmp_path)})
+    (tmp_path / "decoders").symlink_to(training.decoder_dir(trained))
+    result = report.render(cfg, ["conv5"])
+    assert result["report"]["analyses"] == "skipped: render.analyses is false"
+    assert not list(tmp_path.glob("analysis_*")) and "What each layer keeps" not in (tmp_path / "results.md").read_text()
