@@ -135,15 +135,16 @@ def mosaic_panels(panels, path, title, note, provenance=""):
 
 
 def mosaic_panels_inches(mosaic_shape, panels):
-    side = max(2.4, max(mosaic_shape[:2]) / DPI)
-    return (max(panels * (side + 0.1) + 0.1, TABLE_MIN_WIDTH), HEADER + side + 0.1)
+    (h, w), panel = mosaic_shape[:2], max(2.4, mosaic_shape[1] / DPI)  # panel width, inches
+    return (max(panels * (panel + 0.1) + 0.1, TABLE_MIN_WIDTH), HEADER + panel * h / w + 0.1)
 
 
 def mosaic(images, pad=2):
-    """(N, H, W, 3) -> one square image, tiles separated by white lines."""
+    """(N, H, W, 3) -> one image of ceil(sqrt(N)) columns, tiles separated by white lines."""
     n = int(np.ceil(np.sqrt(len(images))))
+    rows = -(-len(images) // n)  # no empty last row
     h, w = images.shape[1:3]
-    canvas = np.ones((n * (h + pad) - pad, n * (w + pad) - pad, 3), dtype=images.dtype)
+    canvas = np.ones((rows * (h + pad) - pad, n * (w + pad) - pad, 3), dtype=images.dtype)
     canvas *= 255 if images.dtype == np.uint8 else 1
     for i, image in enumerate(images):
         r, c = divmod(i, n)
