@@ -311,6 +311,6 @@ def claims(table, baseline_error, pretrained):
 
 def _verdict(agree, blind):
     if blind:
-        return (f"inconclusive, since the decoder of {', '.join(blind)} does no better than the mean training "
-                f"image (train longer).")
+        return (f"inconclusive, since the decoder{'s' if len(blind) > 1 else ''} of {', '.join(blind)} "
+                f"{'do' if len(blind) > 1 else 'does'} no better than the mean training image (train longer).")
     return "this run agrees." if agree else "this run does not agree."

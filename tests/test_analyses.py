@@ -130,3 +130,20 @@ def test_analyses_can_be_switched_off(trained, tmp_path):
     result = report.render(cfg, ["conv5"])
     assert result["report"]["analyses"] == "skipped: render.analyses is false"
     assert not list(tmp_path.glob("analysis_*")) and "What each layer keeps" not in (tmp_path / "results.md").read_text()
+
+
+def test_claims_agree_disagree_or_stay_inconclusive():
+    errors = lambda **kw: {layer: {"normalized_error": e} for layer, e in kw.items()}
+    table = {"unperturbed": errors(conv2=0.5, fc6=0.6, fc8=0.65), "binarized": errors(conv2=0.6, fc6=0.62),
+             "fc8_top5_only": errors(fc8=0.69), "fc8_without_top5": errors(fc8=0.66)}
+    colours, pattern, scores, encoder = analyses.claims(table, 0.7, pretrained=False)
+    assert colours.endswith("this run agrees.") and pattern.endswith("this run agrees.")  # fc6 +3% <= 10%
+    assert scores.endswith("this run agrees.") and "random-init" in encoder
+    table["binarized"] = errors(conv2=0.6, fc6=0.9)
+    table["fc8_without_top5"] = errors(fc8=0.695)
+    assert [s.endswith("this run does not agree.") for s in analyses.claims(table, 0.7, True)[1:3]] == [True, True]
+    table["unperturbed"]["fc8"] = {"normalized_error": 0.8}  # a decoder worse than the mean image shows nothing
+    colours, _, scores, _ = analyses.claims(table, 0.7, True)
+    assert colours.endswith("does not agree.") and "inconclusive, since the decoder of fc8 does" in scores
+    only_fc8 = {"unperturbed": errors(fc8=0.5)}
+    assert "not tested" in analyses.claims(only_fc8, 0.7, False)[1]
