@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import UserError
 
@@ -156,8 +156,15 @@ def to_square_rgb(im, size):
     then the centred size x size square is cut, offset round((longer' - size) / 2). An image
     already size x size is not resampled, so Tiny ImageNet at 64 is decoded unchanged. Every mode
     goes through PIL's convert("RGB"): grayscale is replicated, CMYK is converted naively, palette
-    is looked up, and alpha is dropped (as torchvision's default image loader does).
+    is looked up. Before that, an EXIF orientation is applied (phone pictures) and transparency is
+    composited on white (a transparent pixel's colour is arbitrary); neither touches an opaque image
+    without EXIF rotation, such as every Tiny ImageNet JPEG.
     """
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or im.has_transparency_data:
+        rgba = im.convert("RGBA")
+        im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im.alpha_composite(rgba)
     im = im.convert("RGB")
     w, h = im.size
     if (w, h) != (size, size):

@@ -89,11 +89,66 @@ def layer_grid(originals, reconstruction, layer, path, note, provenance=""):
     return _save(fig, path, ("png",), note, provenance)
 
 
+def image_table(columns, row_labels, path, title, note, provenance=""):
+    """A grid of images: one titled column per entry of `columns` ({title: (rows, H, W, 3)}), a
+    label per row. Never narrower than TABLE_MIN_WIDTH, so the title and note stay readable."""
+    rows = len(row_labels)
+    width, height = image_table_inches(rows, columns)
+    fig, axes = plt.subplots(rows, len(columns), figsize=(width, height), squeeze=False)
+    for c, (heading, images) in enumerate(columns.items()):
+        axes[0][c].set_title(heading, fontsize=8)
+        for r in range(rows):
+            ax = axes[r][c]
+            ax.imshow(images[r], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+    grid_width = LABEL + CELL * len(columns) + 0.1
+    side = (width - grid_width) / 2  # centres the grid in a widened figure
+    fig.suptitle(f"{title}\n{note}", fontsize=8, y=1 - 0.08 / height, va="top")
+    fig.subplots_adjust(left=(side + LABEL) / width, right=1 - (side + 0.1) / width,
+                        top=1 - (height - CELL * rows - 0.2) / height, bottom=0.1 / height, wspace=0.05, hspace=0.05)
+    return _save(fig, path, ("png",), note, provenance)
+
+
+TABLE_MIN_WIDTH = 6.5
+
+
+def image_table_inches(rows, columns):
+    """Two title lines, then the column headings (as many lines as the longest has)."""
+    heading_lines = max(str(title).count("\n") + 1 for title in columns)
+    return (max(LABEL + CELL * len(columns) + 0.1, TABLE_MIN_WIDTH),
+            HEADER + 0.14 * (heading_lines - 1) + CELL * rows + 0.1)
+
+
+def mosaic_panels(panels, path, title, note, provenance=""):
+    """Side by side, one titled mosaic per entry of `panels` ({title: (N, H, W, 3)}): the same N
+    images through different layers. Tiles are shown at least at their own pixel size."""
+    mosaics = {heading: mosaic(images) for heading, images in panels.items()}
+    width, height = mosaic_panels_inches(next(iter(mosaics.values())).shape, len(mosaics))
+    fig, axes = plt.subplots(1, len(mosaics), figsize=(width, height), squeeze=False)
+    for ax, (heading, image) in zip(axes[0], mosaics.items()):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(heading, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{title}\n{note}", fontsize=9, y=1 - 0.08 / height, va="top")
+    fig.subplots_adjust(left=0.1 / width, right=1 - 0.1 / width, top=1 - HEADER / height, bottom=0.1 / height,
+                        wspace=0.1 * len(mosaics) / width)
+    return _save(fig, path, ("png",), note, provenance)
+
+
+def mosaic_panels_inches(mosaic_shape, panels):
+    (h, w), panel = mosaic_shape[:2], max(2.4, mosaic_shape[1] / DPI)  # panel width, inches
+    return (max(panels * (panel + 0.1) + 0.1, TABLE_MIN_WIDTH), HEADER + panel * h / w + 0.1)
+
+
 def mosaic(images, pad=2):
-    """(N, H, W, 3) -> one square image, tiles separated by white lines."""
+    """(N, H, W, 3) -> one image of ceil(sqrt(N)) columns, tiles separated by white lines."""
     n = int(np.ceil(np.sqrt(len(images))))
+    rows = -(-len(images) // n)  # no empty last row
     h, w = images.shape[1:3]
-    canvas = np.ones((n * (h + pad) - pad, n * (w + pad) - pad, 3), dtype=images.dtype)
+    canvas = np.ones((rows * (h + pad) - pad, n * (w + pad) - pad, 3), dtype=images.dtype)
     canvas *= 255 if images.dtype == np.uint8 else 1
     for i, image in enumerate(images):
         r, c = divmod(i, n)

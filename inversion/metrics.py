@@ -58,6 +58,14 @@ def pair_distance(x, seed=0):
     return (x - x[torch.from_numpy(perm)]).flatten(1).norm(dim=1).mean().item()
 
 
+def normalized_error(original, reconstruction, normaliser, batch=256):
+    """summarize's normalised error alone, for callers that need no SSIM (the analyses)."""
+    total = 0.0
+    for start in range(0, len(original), batch):
+        total += (original[start:start + batch] - reconstruction[start:start + batch]).flatten(1).norm(dim=1).sum().item()
+    return total / len(original) / normaliser
+
+
 def summarize(original, reconstruction, normaliser, batch=256):
     """All per-split metrics as plain floats; batched so memory stays small."""
     sums = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0, "l2": 0.0}

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from . import config, encoder, feature_cache, figures, metrics, runtime, storage, training
+from . import analyses, config, encoder, feature_cache, figures, metrics, runtime, storage, training
 from .console import Timer, console, summary, warn
 from .errors import UserError
 
@@ -28,7 +28,7 @@ def _render(cfg, cache, layers, num_images):
     out.mkdir(parents=True, exist_ok=True)
     identity = cache.attrs["encoder"]
     note = encoder.describe(identity)
-    decoders = _load_decoders(cfg, cache, layers)
+    decoders = load_decoders(cfg, cache, layers)
 
     device = runtime.pick_device(cfg["device"])
     images = cache.load("eval", "images")
@@ -59,6 +59,13 @@ def _render(cfg, cache, layers, num_images):
     grid = _grid_choice(labels, cfg["render.grid_size"] ** 2, cfg["seed"] + 1)
     for layer, r in recon.items():
         files += figures.layer_grid(images[grid], to_hwc(r[grid]), layer, out / f"grid_{layer}", note, provenance)
+    table = {}
+    if cfg["render.analyses"]:
+        errors = {layer: values["normalized_error"] for layer, values in scores.items()}
+        table, analysis_files = analyses.run(cache, decoders, originals, recon, errors, normaliser,
+                                             _grid_choice(labels, analyses.FIGURE_ROWS, cfg["seed"]), device,
+                                             cfg["seed"], note, provenance, out)
+        files += analysis_files
 
     report = {
         "config_hash": config_hash,
@@ -72,6 +79,9 @@ def _render(cfg, cache, layers, num_images):
         "layers": {layer: {**scores[layer], "epochs": len(ckpt["history"])} for layer, (_, ckpt) in decoders.items()},
         "baselines": baselines,
         "top1_agreement": top1 or f"skipped: {_top1_reason(cfg, identity)}",
+        "analyses": table or "skipped: render.analyses is false",
+        "analysis_claims": analyses.claims(table, baselines["mean_train_image"]["normalized_error"],
+                                           encoder.is_pretrained(identity)) if table else [],
         "versions": runtime.versions(),
         "figures": [str(f.relative_to(out)) for f in files],
     }
@@ -81,7 +91,7 @@ def _render(cfg, cache, layers, num_images):
     return {"report": report, "files": files + [out / "metrics.json", out / "results.md"]}
 
 
-def _load_decoders(cfg, cache, layers):
+def load_decoders(cfg, cache, layers):
     """{layer: (decoder, checkpoint)} for the layers that have a readable one; warns about the rest."""
     decoders, skipped = {}, []
     for layer in layers:
@@ -199,10 +209,28 @@ def _markdown(report):
     lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in _metric_rows(report)]
     if isinstance(report["top1_agreement"], str):
         lines += ["", f"Top-1 agreement {report['top1_agreement']}."]
+    if report["analysis_claims"]:
+        lines += ["", "## What each layer keeps: normalised error under each analysis", ""]
+        lines += [_markdown_row(row) for row in _analysis_rows(report)]
+        lines += [""] + [f"- {sentence}" for sentence in report["analysis_claims"]]
     lines += ["", "## Classes", "", "| label | wnid | name |", "|---:|---|---|"]
     lines += [f"| {c['label']} | {c['wnid']} | {c['name']} |" for c in report["classes"]]
     lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in report["figures"]]
     return "\n".join(lines) + "\n"
+
+
+def _analysis_rows(report):
+    """Header, alignment, then a row per analysis with a column per layer ("-" where it does not apply)."""
+    table = report["analyses"]
+    layers = list(table["unperturbed"])
+    yield ["analysis", *layers]
+    yield ["---", *["---:"] * len(layers)]
+    for name, values in table.items():
+        yield [name, *[f"{values[l]['normalized_error']:.3f}" if l in values else "-" for l in layers]]
+
+
+def _markdown_row(cells):
+    return "| " + " | ".join(cells) + " |"
 
 
 def _show(report):
@@ -212,4 +240,13 @@ def _show(report):
         table.add_column(title, justify="right")
     for name, cells in _metric_rows(report):
         table.add_row(name, *cells)
+    console.print(table)
+    if not report["analysis_claims"]:
+        return
+    header, _, *rows = _analysis_rows(report)
+    table = Table(title="normalised error under each analysis (figures: analysis_<name>.png)")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)

@@ -1,0 +1,143 @@
+"""Reconstructions of any picture: the encoder that built the cache, then every trained decoder.
+
+A picture is made to look like a cached one (`data.to_square_rgb`: RGB, centre square, the cache's
+image size) and goes through exactly the encoder and preprocessing the cache was built with, its
+features rounded to the cache's dtype, as the decoders saw them in training. An encoder that
+cannot be had again identically (a weights file changed or gone) is refused: its features are
+not the ones the decoders learned to invert.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import data, encoder, extraction, feature_cache, figures, report, runtime, training
+from .console import Timer, console, progress, rate_text, summary, warn
+from .errors import UserError
+
+BATCH = 16
+CONTACT_SHEET = "contact_sheet"
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def reconstruct(cfg, paths, layers=None):
+    """Figures for every image under `paths` into output.dir/reconstruct; returns the files written.
+    Unreadable files are reported and skipped; a UserError at the end names them."""
+    with Timer() as timer:
+        with feature_cache.open_for(cfg) as cache:
+            identity, built = cache.attrs["encoder"], cache.attrs["config"]
+            size = cache["eval"]["images"].shape[1]
+            model = _same_encoder(identity, cache.path)
+            order = cache.attrs["layers"]
+            chosen = sorted(layers or cfg["layers"], key=lambda l: order.index(l) if l in order else len(order))
+            decoders = report.load_decoders(cfg, cache, chosen)
+            provenance = {"cache_hash": cache.attrs["cache_hash"], "versions": runtime.versions()}
+        files, failed = collect(paths)
+        inputs = len(files) + len(failed)
+        if not inputs:
+            raise UserError(f"no image files under {', '.join(map(str, paths))}")
+        device = runtime.pick_device(cfg["device"])
+        taps = encoder.extractor(model, identity["arch"], list(decoders)).to(device)
+        dtype = getattr(torch, built["cache.dtype"])
+        note = encoder.describe(identity)
+        out = Path(cfg["output.dir"]) / "reconstruct"
+        out.mkdir(parents=True, exist_ok=True)
+        names = _output_names(files)
+        written, sheet = [], {"original": [], **{layer: [] for layer in decoders}}
+        with progress() as bar:
+            task = bar.add_task("reconstruct", total=len(files), rate="")
+            for start in range(0, len(files), BATCH):
+                batch, images = [], []
+                for path in files[start:start + BATCH]:
+                    try:
+                        with Image.open(path) as im:
+                            images.append(data.to_square_rgb(im, size))
+                        batch.append(path)
+                    except UNREADABLE as e:
+                        warn(f"{path}: cannot read as an image ({type(e).__name__}: {e}); skipped")
+                        failed.append(path)
+                    bar.advance(task)
+                if not batch:
+                    continue
+                images = np.stack(images)
+                features = extraction.forward(taps, images, built["encoder.input_size"], identity["arch"], device, dtype)
+                recon = {layer: _to_uint8(training.reconstruct(m, features[layer], BATCH, device))
+                         for layer, (m, _) in decoders.items()}
+                for i, path in enumerate(batch):
+                    columns = {"original": images[i:i + 1], **{layer: r[i:i + 1] for layer, r in recon.items()}}
+                    meta = json.dumps({**provenance, "source": str(path)}, sort_keys=True)
+                    written += figures.image_table(columns, [_short(path.name)], out / names[path],
+                                                   f"Reconstructions of {path.name} ({size}x{size}) from each layer",
+                                                   note, meta)
+                sheet["original"].append(images)
+                for layer, r in recon.items():
+                    sheet[layer].append(r)
+                bar.update(task, rate=rate_text(bar.tasks[0].completed, timer.seconds, "img"))
+        if written:
+            panels = {title: np.concatenate(parts) for title, parts in sheet.items()}
+            written += figures.mosaic_panels(panels, out / CONTACT_SHEET,
+                                             f"{len(panels['original'])} images and their reconstructions",
+                                             note, json.dumps(provenance, sort_keys=True))
+    done = inputs - len(failed)
+    summary("reconstructed", done, timer.seconds, "images", f"{len(failed)} unreadable, figures in {out}")
+    if failed:
+        raise UserError(f"{len(failed)} of {inputs} inputs could not be read: {', '.join(str(f) for f in failed)} "
+                        f"(the others are in {out})")
+    return written
+
+
+def collect(paths):
+    """(image files, paths that do not exist). A named file is always tried; folders are searched
+    recursively for files whose extension Pillow can open (hidden files skipped), in sorted order."""
+    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    files, missing = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in extensions
+                            and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        elif path.is_file():
+            files.append(path)
+        else:
+            warn(f"{path}: no such file or folder; skipped")
+            missing.append(path)
+    return list(dict.fromkeys(files)), missing
+
+
+def _same_encoder(identity, cache_path):
+    """The cache's encoder, loaded again; refused unless its identity (weights file hash, seed) matches."""
+    model = encoder.reload(identity)
+    if model is not None:
+        return model
+    if identity["kind"] == "file":
+        reason = (f"{identity['path']} is gone" if not Path(identity["path"]).is_file()
+                  else f"{identity['path']} has changed since (its sha256 is no longer {identity['sha256'][:12]})")
+    elif identity["kind"] == "imagenet":
+        reason = "those ImageNet weights cannot be loaded again, or differ"
+    else:
+        reason = "it cannot be built again"
+    raise UserError(f"cache {cache_path} was built with {encoder.describe(identity)}, but {reason}; the decoders "
+                    f"invert that encoder only: re-run extract_features.py and train_decoders.py --fresh")
+
+
+def _output_names(files):
+    """{path: figure name}: the file's stem, made unique (and never the contact sheet's name)."""
+    used, names = {CONTACT_SHEET}, {}
+    for path in files:
+        name, n = path.stem, 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}-{n}"
+        used.add(name)
+        names[path] = name
+    return names
+
+
+def _to_uint8(images):
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _short(name, width=18):
+    return name if len(name) <= width else name[:width - 1] + "…"
