@@ -52,8 +52,8 @@ def test_render_from_cache_and_checkpoints_alone(trained, tmp_path, capsys):
 
 def test_same_image_choice_every_run():
     labels = np.repeat(np.arange(5), 4)
-    a = report._grid_choice(labels, 7, seed=0)
-    assert list(a) == list(report._grid_choice(labels, 7, seed=0))
+    a = report.grid_choice(labels, 7, seed=0)
+    assert list(a) == list(report.grid_choice(labels, 7, seed=0))
     assert len(set(a)) == 7 and set(labels[a[:5]]) == set(range(5))  # every class before any repeats
 
 
