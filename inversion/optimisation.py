@@ -137,7 +137,9 @@ def _run(cfg, cache, layers, num_images, fresh, split):
         raise UserError(f"cache {cache.path} was built with {encoder.describe(identity)}, which cannot be "
                         f"loaded again here (weights missing or changed); inversion by optimisation must run "
                         f"through the encoder that built the cache")
-    decoders = report.load_decoders(cfg, cache, layers)
+    # keep each checkpoint's history only: its optimizer state would double fc6's and fc8's memory
+    decoders = {layer: (decoder, {"history": ckpt["history"]})
+                for layer, (decoder, ckpt) in report.load_decoders(cfg, cache, layers).items()}
     device = runtime.pick_device(cfg["device"])
     model = model.to(device)
     arch, input_size = identity.get("arch", "alexnet"), cfg["encoder.input_size"]
@@ -195,7 +197,7 @@ def _run(cfg, cache, layers, num_images, fresh, split):
                              "versions": result["versions"]}, sort_keys=True)
     figures.comparison_grid(to_hwc(originals), columns, [names[labels[i]].split(",")[0] for i in rows],
                             out / FIGURE, result["encoder_description"], provenance,
-                            title=f"Decoder vs optimisation ({split} images, {s['iterations']} iterations)")
+                            caption=f"Decoder vs optimisation ({split} images, {s['iterations']} iterations)")
     _show(result)
     return result, computed
 
