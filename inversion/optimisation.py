@@ -179,15 +179,16 @@ def _run(cfg, cache, layers, num_images, fresh, split):
             entry.update(metrics.summarize(originals, optimised, normaliser))
             _save_images(stored, optimised)
             computed += 1
+        decoder = decoder.to(device)
         with Timer() as t:
-            decoded = training.reconstruct(decoder.to(device), features, 256, device)
+            decoded = training.reconstruct(decoder, features, 256, device)
         result["layers"][layer] = {
             "decoder": {**metrics.summarize(originals, decoded, normaliser),
                         "seconds_per_image": t.seconds / len(rows), "epochs": len(checkpoint["history"]),
                         "training_seconds": sum(h["seconds"] for h in checkpoint["history"])},
             "optimisation": entry}
         pictures[layer] = (decoded, optimised)
-        _write_json(out / RESULTS, result)  # stored as each layer finishes
+        _write_json(out / RESULTS, _merged(result, previous, cache.attrs["layers"]))  # stored as each layer finishes
     to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()
     columns = {}
     for layer, (decoded, optimised) in pictures.items():
@@ -221,6 +222,13 @@ def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size):
                   f"({t.seconds:.1f} s, {t.seconds / len(phi0):.2f} s/image)")
     return optimised, {"seconds_per_image": t.seconds / len(phi0), "objective_start": history[0],
                        "objective_end": history[-1], "feature_distance": trace["feature_distance"]}
+
+
+def _merged(result, previous, order):
+    """This run's layers plus the finished ones of a previous run with the same settings that this
+    run did not ask for (`--layers fc8` after a full run keeps conv2's results), in network order."""
+    layers = {**previous.get("layers", {}), **result["layers"]}
+    return {**result, "layers": {layer: layers[layer] for layer in sorted(layers, key=order.index)}}
 
 
 def _previous(out, guard, fresh):

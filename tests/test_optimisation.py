@@ -119,6 +119,9 @@ def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained
     optimisation.run(dict(cfg, **{"optimisation.iterations": 2}), ["fc8"], num_images=2)
     assert computed == ["fc8"] and "recomputing every layer" in capsys.readouterr().err
     optimisation.run(cfg, ["conv5", "fc8"], num_images=2)  # back to 3 iterations for the render below
+    computed.clear()
+    optimisation.run(cfg, ["fc8"], num_images=2)
+    assert computed == [] and list(json.loads((out / "optimisation.json").read_text())["layers"]) == ["conv5", "fc8"]
 
     report.render(cfg)
     results = (out / "results.md").read_text()
