@@ -53,6 +53,17 @@ SCHEMA = {
     "render.top1": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
     "render.analyses": (True, bool, None, "true or false"),
     "output.dir": ("outputs", str, None, "a folder path"),
+    # Inversion by optimisation (invert_by_optimisation.py); the README says which constants are M&V's.
+    "optimisation.iterations": (100, int, lambda v: v >= 1, "an integer >= 1"),
+    "optimisation.optimizer": ("adam", str, lambda v: v in ("adam", "sgd"), "adam or sgd"),
+    "optimisation.lr": (0.03, _NUM, lambda v: v > 0, "a number > 0"),
+    "optimisation.momentum": (0.9, _NUM, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optimisation.alpha": (6, _NUM, lambda v: v >= 1, "a number >= 1"),
+    "optimisation.beta": (2, _NUM, lambda v: v >= 1, "a number >= 1"),
+    "optimisation.lambda_alpha": (1e-3, _NUM, lambda v: v >= 0, "a number >= 0"),
+    "optimisation.lambda_tv": (3.0, _NUM, lambda v: v >= 0, "a number >= 0"),
+    "optimisation.jitter": (0, int, lambda v: v >= 0, "an integer >= 0 (pixels)"),
+    "optimisation.init_std": (0.01, _NUM, lambda v: v >= 0, "a number >= 0"),
 }
 
 # The settings that shape a feature cache; hashed into its file name.

@@ -118,7 +118,12 @@ def normalisation(arch):
 
 def preprocess(images_uint8, input_size, arch="alexnet"):
     """(B, S, S, 3) uint8 -> (B, 3, input_size, input_size) normalised float, as documented above."""
-    x = images_uint8.permute(0, 3, 1, 2).float().div_(255)
+    return preprocess_float(images_uint8.permute(0, 3, 1, 2).float().div_(255), input_size, arch)
+
+
+def preprocess_float(x, input_size, arch="alexnet"):
+    """The same pipeline from (B, 3, S, S) floats in [0, 1], differentiable: inversion by
+    optimisation pushes gradients through exactly the preprocessing the cache was built with."""
     x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
     mean, std = normalisation(arch)
     mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)

@@ -55,7 +55,8 @@ def loss_curves(histories, path, note, provenance=""):
     return written + _save(fig, path / "loss_all_layers", ("png", "pdf"), note, provenance)
 
 
-def comparison_grid(originals, reconstructions, row_labels, path, note, provenance=""):
+def comparison_grid(originals, reconstructions, row_labels, path, note, provenance="",
+                    caption="Reconstructions from each layer (eval images)"):
     """The paper-style grid: a row per image, columns original | one per layer."""
     columns = {"original": originals, **reconstructions}
     rows, size = len(originals), originals.shape[1]
@@ -70,7 +71,7 @@ def comparison_grid(originals, reconstructions, row_labels, path, note, provenan
             if c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
     width, height = comparison_inches(rows, len(columns), size)
-    fig.suptitle(f"Reconstructions from each layer (eval images)\n{note}", fontsize=8, y=1 - 0.08 / height,
+    fig.suptitle(f"{caption}\n{note}", fontsize=8, y=1 - 0.08 / height,
                  va="top")
     fig.subplots_adjust(left=LABEL / width, right=1 - 0.1 / width, top=1 - HEADER / height,
                         bottom=0.1 / height, wspace=0.05, hspace=0.05)

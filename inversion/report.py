@@ -46,7 +46,7 @@ def _render(cfg, cache, layers, num_images):
         scores[layer]["top1_agreement"] = value
 
     names = cache.attrs["class_names"]
-    rows = _grid_choice(labels, num_images, cfg["seed"])
+    rows = grid_choice(labels, num_images, cfg["seed"])
     to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()
     config_hash = config.digest(cfg)
     provenance = json.dumps({"config_hash": config_hash, "cache_hash": cache.attrs["cache_hash"],
@@ -56,14 +56,14 @@ def _render(cfg, cache, layers, num_images):
     files += figures.comparison_grid(images[rows], {layer: to_hwc(r[rows]) for layer, r in recon.items()},
                                      [_short(names[labels[i]]) for i in rows], out / "reconstructions", note,
                                      provenance)
-    grid = _grid_choice(labels, cfg["render.grid_size"] ** 2, cfg["seed"] + 1)
+    grid = grid_choice(labels, cfg["render.grid_size"] ** 2, cfg["seed"] + 1)
     for layer, r in recon.items():
         files += figures.layer_grid(images[grid], to_hwc(r[grid]), layer, out / f"grid_{layer}", note, provenance)
     table = {}
     if cfg["render.analyses"]:
         errors = {layer: values["normalized_error"] for layer, values in scores.items()}
         table, analysis_files = analyses.run(cache, decoders, originals, recon, errors, normaliser,
-                                             _grid_choice(labels, analyses.FIGURE_ROWS, cfg["seed"]), device,
+                                             grid_choice(labels, analyses.FIGURE_ROWS, cfg["seed"]), device,
                                              cfg["seed"], note, provenance, out)
         files += analysis_files
 
@@ -86,7 +86,8 @@ def _render(cfg, cache, layers, num_images):
         "figures": [str(f.relative_to(out)) for f in files],
     }
     storage.write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
-    storage.write_text(out / "results.md", _markdown(report))
+    storage.write_text(out / "results.md",
+                       _markdown(report) + _optimisation_section(out / "optimisation.json", report["cache_hash"]))
     _show(report)
     return {"report": report, "files": files + [out / "metrics.json", out / "results.md"]}
 
@@ -168,7 +169,7 @@ def _to_uint8(images):
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _grid_choice(labels, n, seed):
+def grid_choice(labels, n, seed):
     """n eval indices, seeded, cycling through every class (in a shuffled class order)."""
     rng = np.random.default_rng([seed, 3])
     pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)}
@@ -231,6 +232,27 @@ def _analysis_rows(report):
 
 def _markdown_row(cells):
     return "| " + " | ".join(cells) + " |"
+def _optimisation_section(path, cache_hash):
+    """Decoder vs inversion by optimisation (invert_by_optimisation.py), only when that ran on
+    this very cache's eval images: numbers from another cache would not describe these decoders."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    if result.get("cache_hash") != cache_hash or result.get("split") != "eval" or not result.get("layers"):
+        return ""
+    lines = ["", "## Decoder vs inversion by optimisation", "",
+             f"The same {len(result['images'])} eval images, {result['settings']['iterations']} iterations "
+             f"(Mahendran & Vedaldi 2015; `{path.name}`, config hash `{result['config_hash']}`).", "",
+             "| layer | method | norm. error | MSE | PSNR (dB) | SSIM | seconds per image |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for layer, methods in result["layers"].items():
+        for method in ("decoder", "optimisation"):
+            m = methods[method]
+            lines.append(f"| {layer} | {method} | {m['normalized_error']:.3f} | {m['mse']:.5f} | {m['psnr_db']:.2f} "
+                         f"| {m['ssim']:.3f} | {m['seconds_per_image']:.4g} |")
+    lines += ["", f"![decoder vs optimisation]({result['figure']})"]
+    return "\n".join(lines) + "\n"
 
 
 def _show(report):

@@ -54,8 +54,8 @@ def test_render_from_cache_and_checkpoints_alone(trained, tmp_path, capsys):
 
 def test_same_image_choice_every_run():
     labels = np.repeat(np.arange(5), 4)
-    a = report._grid_choice(labels, 7, seed=0)
-    assert list(a) == list(report._grid_choice(labels, 7, seed=0))
+    a = report.grid_choice(labels, 7, seed=0)
+    assert list(a) == list(report.grid_choice(labels, 7, seed=0))
     assert len(set(a)) == 7 and set(labels[a[:5]]) == set(range(5))  # every class before any repeats
 
 
@@ -86,3 +86,17 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning(trained, tmp_path, capsy
     warning = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING: fc8"))
     assert f"{last} is damaged" in warning and "--layers fc8" in warning
     assert set(result["report"]["layers"]) == {"conv5"} and last.stat().st_size == 1000
+
+
+def test_comparison_grid_caption(monkeypatch, tmp_path):
+    seen = []
+
+    def capture(fig, *args):
+        seen.append(fig._suptitle.get_text())
+        figures.plt.close(fig)
+        return []
+    monkeypatch.setattr(figures, "_save", capture)
+    images = np.zeros((1, 4, 4, 3))
+    figures.comparison_grid(images, {"conv2": images}, ["a"], tmp_path / "g", "note")
+    figures.comparison_grid(images, {"conv2": images}, ["a"], tmp_path / "g", "note", caption="Decoder vs optimisation")
+    assert seen == ["Reconstructions from each layer (eval images)\nnote", "Decoder vs optimisation\nnote"]

@@ -1,0 +1,286 @@
+"""Inversion by optimisation (Mahendran & Vedaldi, CVPR 2015): the baseline a trained decoder beats.
+
+For target features phi0 (cached), gradient descent over the image x minimises, per image,
+
+    ||phi(x) - phi0||^2 / ||phi0||^2  +  lambda_alpha * R_alpha(x)  +  lambda_tv * TV_beta(x)
+
+Choices, so the two methods answer the same question (the README lists which constants are M&V's):
+- x is an RGB image in [0, 1] at the cache's image size S, the space the decoders predict in, and
+  phi is the extraction itself: `encoder.preprocess_float` (bilinear resize to input_size,
+  normalisation) then the layer's tap. The cached image therefore maps onto phi0 exactly (up to
+  cache.dtype), and a reconstruction is compared with its original at the same S.
+- The regularisers see u = (x - mean) / std, the mean-subtracted image scaled by the encoder's own
+  normalisation (M&V regularise the mean-subtracted image brought to a unit-like range), and are
+  means over pixels and channels rather than sums, so a lambda does not depend on S:
+      R_alpha = mean_{c,i,j} |u_cij|^alpha
+      TV_beta = mean_{c,i<H-1,j<W-1} ((u_c,i,j+1 - u_cij)^2 + (u_c,i+1,j - u_cij)^2)^(beta/2)
+- Adam (or SGD with momentum) whose step decays to zero on a cosine; jitter: each step the image
+  is rolled by a seeded random shift of up to `jitter` pixels before the encoder sees it
+  (Mahendran & Vedaldi's IJCV 2016 follow-up), so no single pixel grid is over-fitted.
+- The start is the encoder's mean colour plus small seeded Gaussian noise; the result is clamped
+  to [0, 1] only for metrics and figures, as decoder outputs are.
+
+All images of a layer form one batch; the objective is the sum of the per-image objectives, so
+an image's gradient does not depend on the batch. Results are stored per layer as they finish
+(`optimisation.json` plus the images in `optimisation/<layer>.npz`), and a re-run with the same
+settings skips finished layers.
+"""
+
+import json
+import math
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from . import config, encoder, feature_cache, figures, metrics, report, runtime, storage, training
+from .console import Timer, console, progress, summary, warn
+from .errors import UserError
+
+RESULTS = "optimisation.json"
+FIGURE = "optimisation_vs_decoder"
+SPLITS = ("eval", "train")
+
+
+def settings(cfg):
+    """The optimisation.* keys without their prefix: what results are pinned to."""
+    return {key.split(".", 1)[1]: cfg[key] for key in cfg if key.startswith("optimisation.")}
+
+
+def alpha_norm(u, alpha):
+    """Per-image mean of |u|^alpha."""
+    return u.abs().pow(alpha).flatten(1).mean(1)
+
+
+def total_variation(u, beta):
+    """Per-image mean of (dx^2 + dy^2)^(beta/2) over pixels with both a right and a lower neighbour.
+    The clamp keeps the gradient finite at zero differences for beta < 2 (it changes no value above 1e-12)."""
+    dx = u[:, :, :-1, 1:] - u[:, :, :-1, :-1]
+    dy = u[:, :, 1:, :-1] - u[:, :, :-1, :-1]
+    return (dx * dx + dy * dy).clamp_min(1e-12).pow(beta / 2).flatten(1).mean(1)
+
+
+def feature_loss(taps, layer, x, phi0, input_size, arch):
+    """Per-image ||phi(x) - phi0||^2 / ||phi0||^2, through the cache's own preprocessing."""
+    phi = taps(encoder.preprocess_float(x, input_size, arch))[layer]
+    return (phi - phi0).pow(2).flatten(1).sum(1) / phi0.pow(2).flatten(1).sum(1).clamp_min(1e-12)
+
+
+def objective(taps, layer, x, phi0, s, input_size, arch, shift=(0, 0)):
+    """Per-image objective (B,) and its feature term; `shift` rolls x (jitter) before the encoder."""
+    mean, std = _stats(arch, x.device)
+    u = (x - mean) / std
+    fit = feature_loss(taps, layer, torch.roll(x, shift, (2, 3)) if any(shift) else x, phi0, input_size, arch)
+    return fit + s["lambda_alpha"] * alpha_norm(u, s["alpha"]) + s["lambda_tv"] * total_variation(u, s["beta"]), fit
+
+
+def invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step=None):
+    """Optimise a batch of images towards `phi0` (B, *shape) on phi0's device.
+
+    Returns (images (B, 3, S, S) clamped to [0, 1] on the CPU, {objective: [mean per step],
+    feature_distance: {start, end}}), the feature distance being the mean relative
+    ||phi(x) - phi0|| / ||phi0|| without jitter.
+    """
+    device = phi0.device
+    generator = torch.Generator().manual_seed(seed)
+    mean, _ = _stats(arch, device)
+    start = mean + s["init_std"] * torch.randn(len(phi0), 3, image_size, image_size, generator=generator).to(device)
+    x = start.clone().requires_grad_(True)
+    if s["optimizer"] == "adam":
+        optimizer = torch.optim.Adam([x], lr=s["lr"])
+    else:
+        optimizer = torch.optim.SGD([x], lr=s["lr"], momentum=s["momentum"])
+    history = []
+    for step in range(s["iterations"]):
+        for group in optimizer.param_groups:
+            group["lr"] = s["lr"] * 0.5 * (1 + math.cos(math.pi * step / s["iterations"]))
+        shift = tuple(torch.randint(-s["jitter"], s["jitter"] + 1, (2,), generator=generator).tolist())
+        value, _ = objective(taps, layer, x, phi0, s, input_size, arch, shift)
+        optimizer.zero_grad(set_to_none=True)
+        value.sum().backward()
+        optimizer.step()
+        history.append(value.mean().item())
+        if not math.isfinite(history[-1]):
+            raise UserError(f"{layer}: the objective became {history[-1]} at step {step + 1}; "
+                            f"try a lower optimisation.lr")
+        if on_step:
+            on_step(step, history[-1])
+    with torch.no_grad():
+        distance = {"start": _distance(taps, layer, start, phi0, input_size, arch),
+                    "end": _distance(taps, layer, x, phi0, input_size, arch)}
+    return x.detach().clamp(0, 1).cpu(), {"objective": history, "feature_distance": distance}
+
+
+def run(cfg, layers=None, num_images=None, fresh=False, split="eval"):
+    """invert_by_optimisation.py: every chosen layer with a decoder, on the seeded grid images of `split`."""
+    if split not in SPLITS:
+        raise UserError(f"--split: expected eval or train, got {split!r}")
+    with Timer() as timer:
+        cache = feature_cache.open_for(cfg)
+        with cache:
+            order = cache.attrs["layers"]
+            chosen = sorted(layers or cfg["layers"], key=lambda l: order.index(l) if l in order else len(order))
+            result, computed = _run(cfg, cache, chosen, num_images or cfg["render.num_images"], fresh, split)
+    summary("optimised", computed * len(result["images"]), timer.seconds, "images",
+            f"{computed} of {len(result['layers'])} layers computed, into {cfg['output.dir']}")
+    return result
+
+
+def _run(cfg, cache, layers, num_images, fresh, split):
+    out = Path(cfg["output.dir"])
+    identity = cache.attrs["encoder"]
+    model = encoder.reload(identity)
+    if model is None:
+        raise UserError(f"cache {cache.path} was built with {encoder.describe(identity)}, which cannot be "
+                        f"loaded again here (weights missing or changed); inversion by optimisation must run "
+                        f"through the encoder that built the cache")
+    # keep each checkpoint's history only: its optimizer state would double fc6's and fc8's memory
+    decoders = {layer: (decoder, {"history": ckpt["history"]})
+                for layer, (decoder, ckpt) in report.load_decoders(cfg, cache, layers).items()}
+    device = runtime.pick_device(cfg["device"])
+    model = model.to(device)
+    arch, input_size = identity.get("arch", "alexnet"), cfg["encoder.input_size"]
+
+    labels = cache.load(split, "labels")
+    rows = report.grid_choice(labels, num_images, cfg["seed"])
+    all_images = cache.load(split, "images")
+    originals = training.to_target(torch.from_numpy(all_images[rows]))
+    normaliser = metrics.pair_distance(training.to_target(torch.from_numpy(all_images)), cfg["seed"])
+    del all_images
+    s = settings(cfg)
+    guard = {"cache_hash": cache.attrs["cache_hash"], "split": split, "rows": rows.tolist(), "settings": s,
+             "seed": cfg["seed"]}
+    previous = _previous(out, guard, fresh)
+    names = cache.attrs["class_names"]
+    result = {
+        "config_hash": config.digest(cfg), "cache": str(cache.path), "cache_hash": cache.attrs["cache_hash"],
+        "encoder": identity, "encoder_description": encoder.describe(identity),
+        "device": runtime.describe_device(device), "versions": runtime.versions(), "split": split,
+        "images": [{"index": int(i), "label": int(labels[i]), "name": names[labels[i]]} for i in rows],
+        "settings": s, "guard": guard, "normaliser_mean_pair_distance": normaliser,
+        "figure": f"{FIGURE}.png", "layers": {},
+    }
+    console.print(f"inverting {len(rows)} {split} images from {', '.join(decoders)} by optimisation "
+                  f"({s['iterations']} iterations, {s['optimizer']}) on {runtime.describe_device(device)}")
+    computed, pictures = 0, {}
+    for layer, (decoder, checkpoint) in decoders.items():
+        features = _read_rows(cache[split][layer], rows)
+        phi0 = torch.from_numpy(features).to(device).float()
+        stored = out / "optimisation" / f"{layer}.npz"
+        if layer in previous.get("layers", {}) and stored.exists():
+            console.print(f"{layer}: already optimised ({stored}); --fresh to recompute")
+            optimised = torch.from_numpy(np.load(stored)["images"])
+            entry = previous["layers"][layer]["optimisation"]
+        else:
+            optimised, entry = _optimise_layer(cfg, model, arch, layer, phi0, originals.shape[-1], s, input_size)
+            entry.update(metrics.summarize(originals, optimised, normaliser))
+            _save_images(stored, optimised)
+            computed += 1
+        decoder = decoder.to(device)
+        with Timer() as t:
+            decoded = training.reconstruct(decoder, features, 256, device)
+        result["layers"][layer] = {
+            "decoder": {**metrics.summarize(originals, decoded, normaliser),
+                        "seconds_per_image": t.seconds / len(rows), "epochs": len(checkpoint["history"]),
+                        "training_seconds": sum(h["seconds"] for h in checkpoint["history"])},
+            "optimisation": entry}
+        pictures[layer] = (decoded, optimised)
+        _write_json(out / RESULTS, _merged(result, previous, cache.attrs["layers"]))  # stored as each layer finishes
+    to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()
+    columns = {}
+    for layer, (decoded, optimised) in pictures.items():
+        columns[f"{layer} decoder"] = to_hwc(decoded)
+        columns[f"{layer} optim."] = to_hwc(optimised)
+    provenance = json.dumps({"config_hash": result["config_hash"], "cache_hash": result["cache_hash"],
+                             "versions": result["versions"]}, sort_keys=True)
+    figures.comparison_grid(to_hwc(originals), columns, [names[labels[i]].split(",")[0] for i in rows],
+                            out / FIGURE, result["encoder_description"], provenance,
+                            caption=f"Decoder vs optimisation ({split} images, {s['iterations']} iterations)")
+    _show(result)
+    return result, computed
+
+
+def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size):
+    taps = encoder.extractor(model, arch, [layer]).eval()
+    seed = int(np.random.SeedSequence([cfg["seed"], zlib.crc32(layer.encode())]).generate_state(1)[0])
+    with progress() as bar:
+        task = bar.add_task(f"{layer}", total=s["iterations"], rate="")
+        t0 = time.perf_counter()
+
+        def on_step(step, value):
+            bar.update(task, advance=1, description=f"{layer} objective {value:.4g}",
+                       rate=f"{(step + 1) / (time.perf_counter() - t0):.2f} it/s")
+
+        with Timer() as t:
+            optimised, trace = invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step)
+    history = trace["objective"]
+    console.print(f"{layer}: objective {history[0]:.4g} -> {history[-1]:.4g}, relative feature distance "
+                  f"{trace['feature_distance']['start']:.3f} -> {trace['feature_distance']['end']:.3f} "
+                  f"({t.seconds:.1f} s, {t.seconds / len(phi0):.2f} s/image)")
+    return optimised, {"seconds_per_image": t.seconds / len(phi0), "objective_start": history[0],
+                       "objective_end": history[-1], "feature_distance": trace["feature_distance"]}
+
+
+def _merged(result, previous, order):
+    """This run's layers plus the finished ones of a previous run with the same settings that this
+    run did not ask for (`--layers fc8` after a full run keeps conv2's results), in network order."""
+    layers = {**previous.get("layers", {}), **result["layers"]}
+    return {**result, "layers": {layer: layers[layer] for layer in sorted(layers, key=order.index)}}
+
+
+def _previous(out, guard, fresh):
+    """The stored results to resume from: only those made with exactly these settings and images."""
+    path = out / RESULTS
+    if fresh or not path.exists():
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    if previous.get("guard") != guard:
+        warn(f"{path} was made with another cache, images or optimisation settings; recomputing every layer")
+        return {}
+    return previous
+
+
+def _distance(taps, layer, x, phi0, input_size, arch):
+    return feature_loss(taps, layer, x, phi0, input_size, arch).sqrt().mean().item()
+
+
+def _stats(arch, device):
+    mean, std = encoder.normalisation(arch)
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def _read_rows(dataset, rows):
+    """dataset[rows] for unsorted rows (h5py reads increasing indices only)."""
+    order = np.argsort(rows)
+    out = np.empty((len(rows), *dataset.shape[1:]), dataset.dtype)
+    out[order] = dataset[rows[order]]
+    return out
+
+
+def _save_images(path, images):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with storage.replacing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=images.numpy())
+
+
+def _write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _show(result):
+    table = Table(title=f"decoder vs optimisation ({len(result['images'])} {result['split']} images) - "
+                        f"{result['encoder_description']}")
+    for column in ("layer", "method", "norm. error", "MSE", "PSNR (dB)", "SSIM", "s/image"):
+        table.add_column(column, justify="left" if column in ("layer", "method") else "right")
+    for layer, methods in result["layers"].items():
+        for method, m in methods.items():
+            table.add_row(layer, method, f"{m['normalized_error']:.3f}", f"{m['mse']:.5f}", f"{m['psnr_db']:.2f}",
+                          f"{m['ssim']:.3f}", f"{m['seconds_per_image']:.4g}")
+    console.print(table)

@@ -1,0 +1,144 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import make_cfg
+from inversion import config, encoder, extraction, feature_cache, figures, optimisation, report, training
+from inversion.errors import UserError
+
+
+def _settings(cfg, **changes):
+    return {**optimisation.settings(cfg), **changes}
+
+
+def test_regularisers_against_hand_computed_values():
+    u = torch.tensor([[[[1.0, -2.0], [3.0, 5.0]]]])  # one image, one channel, 2x2
+    assert optimisation.alpha_norm(u, 2).item() == pytest.approx((1 + 4 + 9 + 25) / 4)
+    assert optimisation.alpha_norm(u, 6).item() == pytest.approx((1 + 64 + 729 + 15625) / 4)
+    # only the top-left pixel has both neighbours: dx = -2 - 1, dy = 3 - 1
+    assert optimisation.total_variation(u, 2).item() == pytest.approx(9 + 4)
+    assert optimisation.total_variation(u, 1).item() == pytest.approx(13 ** 0.5)
+    v = torch.arange(9.0).view(1, 1, 3, 3)  # dx = 1 and dy = 3 at each of the 4 valid pixels
+    assert optimisation.total_variation(v, 2).item() == pytest.approx(10)
+    flat = torch.full((2, 3, 4, 4), 0.7)
+    assert optimisation.total_variation(flat, 2).abs().max().item() < 1e-9
+    assert optimisation.alpha_norm(flat, 6).tolist() == pytest.approx([0.7 ** 6] * 2)
+
+
+def test_objective_decreases_on_a_tiny_problem():
+    model, _ = encoder.load("alexnet", "random", seed=0)
+    taps = encoder.extractor(model, "alexnet", ["conv2"]).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        phi0 = taps(encoder.preprocess_float(torch.rand(2, 3, 16, 16), 64))["conv2"]
+    s = _settings(config.defaults(), iterations=15)
+    _, trace = optimisation.invert(taps, "conv2", phi0, 16, s, 64, "alexnet", seed=0)
+    assert trace["objective"][-1] < 0.7 * trace["objective"][0]
+
+
+def test_features_move_toward_the_cached_target(built):
+    """Random-init encoder, real cached features of a few eval images, the cache's own preprocessing."""
+    cfg, path = built
+    with feature_cache.open_for(cfg) as cache:
+        phi0 = torch.from_numpy(cache["eval"]["conv5"][:3]).float()
+        size = cache["eval"]["images"].shape[1]
+        model = encoder.reload(cache.attrs["encoder"])
+    taps = encoder.extractor(model, "alexnet", ["conv5"]).eval()
+    images, trace = optimisation.invert(taps, "conv5", phi0, size, _settings(cfg, iterations=25),
+                                        cfg["encoder.input_size"], "alexnet", seed=0)
+    distance = trace["feature_distance"]
+    assert distance["end"] < 0.6 * distance["start"], distance
+    assert images.shape == (3, 3, size, size) and 0 <= images.min() and images.max() <= 1
+
+
+def test_preprocess_float_is_the_extraction_pipeline():
+    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    as_float = images.permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(encoder.preprocess(images, 64), encoder.preprocess_float(as_float, 64))
+
+
+def test_an_encoder_that_cannot_be_had_again_is_refused(tiny_zip, tmp_path):
+    weights = tmp_path / "alexnet.pth"
+    torch.manual_seed(3)
+    torch.save(torchvision.models.alexnet().state_dict(), weights)
+    cfg = make_cfg(tmp_path, tiny_zip, f"encoder.weights={weights}", "layers=[conv5]")
+    extraction.extract(cfg)
+    torch.manual_seed(4)
+    torch.save(torchvision.models.alexnet().state_dict(), weights)  # the file changed since the cache was built
+    with pytest.raises(UserError, match="encoder that built the cache"):
+        optimisation.run(cfg, num_images=1)
+
+
+@pytest.fixture(scope="module")
+def trained(built, tmp_path_factory):
+    cfg, _ = built
+    cfg = dict(cfg, **{"output.dir": str(tmp_path_factory.mktemp("optim")), "train.epochs": 1,
+                       "optimisation.iterations": 3})
+    training.train(cfg, ["conv5", "fc8"])
+    return cfg
+
+
+def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained, monkeypatch, capsys):
+    cfg = trained
+    out = Path(cfg["output.dir"])
+    first = optimisation.run(cfg, ["conv5"], num_images=2)
+    assert list(first["layers"]) == ["conv5"]
+
+    computed = []
+    real = optimisation._optimise_layer
+    monkeypatch.setattr(optimisation, "_optimise_layer", lambda cfg, m, a, layer, *rest: (
+        computed.append(layer), real(cfg, m, a, layer, *rest))[1])
+    result = optimisation.run(cfg, ["conv5", "fc8"], num_images=2)
+    assert computed == ["fc8"]  # conv5 was finished: not recomputed
+    saved = json.loads((out / "optimisation.json").read_text())
+    assert saved["layers"]["conv5"]["optimisation"] == first["layers"]["conv5"]["optimisation"]
+    with feature_cache.open_for(cfg) as cache:  # render.py's first grid rows
+        rows = report.grid_choice(cache.load("eval", "labels"), cfg["render.num_images"], cfg["seed"])[:2]
+    assert [i["index"] for i in saved["images"]] == rows.tolist() and saved["cache_hash"] == result["cache_hash"]
+    assert saved["encoder"] == {"arch": "alexnet", "kind": "random", "seed": 0}
+    assert saved["settings"]["iterations"] == 3 and saved["settings"]["alpha"] == 6
+    for layer in ("conv5", "fc8"):
+        for method in ("decoder", "optimisation"):
+            m = saved["layers"][layer][method]
+            assert set(m) >= {"normalized_error", "mse", "psnr_db", "ssim", "seconds_per_image"}
+            assert 0 <= m["mse"] < 1 and m["seconds_per_image"] > 0
+    with Image.open(out / "optimisation_vs_decoder.png") as im:
+        assert im.size == figures.pixel_size(figures.comparison_inches(2, 5))
+        assert "random init" in im.info["Title"] and saved["config_hash"] in im.info["Description"]
+
+    computed.clear()
+    optimisation.run(cfg, ["conv5", "fc8"], num_images=2, fresh=True)
+    assert computed == ["conv5", "fc8"]
+    computed.clear()
+    optimisation.run(dict(cfg, **{"optimisation.iterations": 2}), ["fc8"], num_images=2)
+    assert computed == ["fc8"] and "recomputing every layer" in capsys.readouterr().err
+    optimisation.run(cfg, ["conv5", "fc8"], num_images=2)  # back to 3 iterations for the render below
+    computed.clear()
+    optimisation.run(cfg, ["fc8"], num_images=2)
+    assert computed == [] and list(json.loads((out / "optimisation.json").read_text())["layers"]) == ["conv5", "fc8"]
+
+    report.render(cfg)
+    results = (out / "results.md").read_text()
+    assert "Decoder vs inversion by optimisation" in results and "| fc8 | optimisation |" in results
+    assert "(optimisation_vs_decoder.png)" in results
+    path = out / "optimisation.json"
+    assert report._optimisation_section(path, saved["cache_hash"]).count("| conv5 |") == 2
+    assert report._optimisation_section(path, "another-cache") == ""
+    assert report._optimisation_section(out / "missing.json", saved["cache_hash"]) == ""
+
+
+def test_command_line_errors_are_one_line(built, tmp_path):
+    import invert_by_optimisation
+    cfg, _ = built
+    (tmp_path / "c.yaml").write_text("{}\n")
+    args = ["--config", str(tmp_path / "c.yaml"), "--set", f"data.path={cfg['data.path']}", "--set", f"cache.dir={tmp_path}", "--set", "encoder.weights=random"]
+    result = CliRunner().invoke(invert_by_optimisation.app, args)
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith("error: no complete feature cache")
+    result = CliRunner().invoke(invert_by_optimisation.app, [*args, "--split", "test"])
+    assert result.exit_code == 2 and "--split" in result.output
