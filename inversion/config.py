@@ -38,6 +38,8 @@ SCHEMA = {
     "cache.dir": ("cache", str, None, "a folder path"),
     "cache.dtype": ("float16", str, lambda v: v in ("float16", "float32"), "float16 or float32"),
     "extract.batch_size": (64, int, lambda v: v >= 1, "an integer >= 1"),
+    "extract.workers": ("auto", (str, int), lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
+                        "auto or an integer >= 1"),
     "device": ("auto", str, lambda v: v in ("auto", "cpu", "mps") or v.startswith("cuda"), "auto, cpu, cuda, cuda:N or mps"),
     "decoder.width": (0.5, _NUM, lambda v: 0 < v <= 4, "a number in (0, 4]"),
     "train.epochs": (5, int, lambda v: v >= 0, "an integer >= 0"),
