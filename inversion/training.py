@@ -25,6 +25,11 @@ from .decoders import Decoder
 from .errors import UserError
 
 HISTORY = "history.jsonl"
+# train.epochs: auto. The CPU figure keeps the README's main command inside 30 minutes on 2 cores.
+# On CUDA a conv2 epoch of the default split is ~160 steps of a decoder that a GPU runs in a few ms,
+# so 30 epochs of all four decoders is a few minutes (an estimate: no GPU has been lent yet), and
+# every loss is still falling at 5.
+AUTO_EPOCHS = {"cpu": 5, "cuda": 30}
 
 
 def train(cfg, layers=None, fresh=False):
@@ -34,7 +39,10 @@ def train(cfg, layers=None, fresh=False):
     device = runtime.pick_device(cfg["device"])
     distributed.setup(device)
     ranks = f", {distributed.world_size()} ranks (DistributedDataParallel)" if distributed.launched() else ""
-    console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device)}{ranks}")
+    setting = cfg["train.epochs"]
+    cfg = dict(cfg, **{"train.epochs": resolve_epochs(setting, device)})  # _lr's cosine needs the number
+    console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device)}{ranks}, "
+                  f"{cfg['train.epochs']} epochs" + (f" (train.epochs: auto on {device.type})" if setting == "auto" else ""))
     histories = {}
     with Timer() as timer, cache:
         samples = 0
@@ -45,6 +53,11 @@ def train(cfg, layers=None, fresh=False):
     _show_summary(histories)
     summary("trained", samples, timer.seconds, "samples", f"{len(layers)} decoders in {decoder_dir(cfg)}")
     return histories
+
+
+def resolve_epochs(setting, device):
+    """`train.epochs`: an int, or auto = AUTO_EPOCHS by device type (MPS and others: the CPU's)."""
+    return AUTO_EPOCHS.get(device.type, AUTO_EPOCHS["cpu"]) if setting == "auto" else setting
 
 
 def decoder_dir(cfg, layer=""):
@@ -76,7 +89,7 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
     start = len(history)
-    epochs = cfg["train.epochs"]
+    epochs = resolve_epochs(cfg["train.epochs"], device)
     if start >= epochs:
         console.print(f"{layer}: already trained for {start} epochs (train.epochs={epochs})")
         return history, start

@@ -100,3 +100,12 @@ def test_checkpoints_from_before_image_size_load_as_64_pixel_decoders(built, tmp
     torch.save(checkpoint, tmp_path / "old.pt")
     model, _ = training.load_decoder(tmp_path / "old.pt")
     assert model(torch.zeros(1, 256, 6, 6)).shape == (1, 3, 64, 64)
+
+
+def test_auto_epochs_follow_the_device_and_are_printed(built, tmp_path, capsys):
+    assert training.resolve_epochs("auto", torch.device("cpu")) == 5
+    assert training.resolve_epochs("auto", torch.device("cuda")) == 30
+    assert training.resolve_epochs(2, torch.device("cuda")) == 2
+    cfg = cfg_in(built, tmp_path, **{"train.epochs": "auto", "train.schedule": "cosine"})
+    history = training.train(cfg, ["fc8"])["fc8"]
+    assert len(history) == 5 and "5 epochs (train.epochs: auto on cpu)" in capsys.readouterr().err
