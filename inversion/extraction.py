@@ -103,7 +103,7 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
     done_before = writer.done("train") + writer.done("eval")
     if done_before:
         console.print(f"resuming {writer.partial}: {done_before:,} of {total:,} images already extracted")
-    batch_size, workers = cfg["extract.batch_size"], decode_workers(cfg["extract.workers"])
+    batch_size, workers = cfg["extract.batch_size"], decode_workers(cfg["extract.workers"], device)
     console.print(f"extracting {', '.join(layers)} on {runtime.describe_device(device)}, batch {batch_size}, "
                   f"decoding in {workers} {'thread' if workers == 1 else 'processes'}"
                   + (f", {world} ranks (rate shown: this rank's x {world})" if world > 1 else ""))
@@ -132,10 +132,14 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
     return timer.seconds, total - done_before
 
 
-def decode_workers(setting):
-    """`extract.workers`: auto = the cores this process may use, shared among torchrun's local ranks."""
+def decode_workers(setting, device):
+    """`extract.workers`: auto = the cores this process may use, shared among torchrun's local ranks,
+    when the encoder runs on an accelerator; 1 on the CPU, where the forward needs every core and
+    one thread's decoding already hides behind it (2 processes measured slower there)."""
     if setting != "auto":
         return setting
+    if device.type == "cpu":
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
