@@ -13,6 +13,7 @@ import time
 import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,8 @@ def train_layer(cfg, cache, layer, device, fresh=False):
         console.print(f"{layer}: resuming from {out / 'last.pt'} at epoch {start + 1}")
 
     train_x, train_y = inputs(cache, "train", layer, cfg["train.in_memory"], device)
+    # Said because it shapes the history: streaming shuffles in another order than in memory.
+    console.print(f"{layer}: inputs {'streamed from HDF5' if isinstance(train_x, h5py.Dataset) else 'in memory'}")
     eval_x, eval_y = inputs(cache, "eval", layer, cfg["train.in_memory"], device)
     best = min((h["eval_loss"] for h in history), default=math.inf)
     batch = cfg["train.batch_size"]
@@ -303,6 +306,15 @@ def read_history(path):
 
 
 def _available_ram():
+    """Linux's MemAvailable (free plus reclaimable page cache). MemFree (sysconf's AVPHYS_PAGES),
+    used before, shrinks as the page cache fills, so on a busy machine the default conv2 split (772
+    MB) was sometimes streamed instead of loaded, which changes the batch order and so the history."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
