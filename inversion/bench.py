@@ -213,11 +213,13 @@ def original_decoder(shape):
 def _matmul_rate(dtype, device, n=2048, min_seconds=1.0):
     """GFLOP/s of an n x n matmul after a warm-up: the machine's dense ceiling. None where the
     device has no such dtype, or only a slow fallback: a CPU without AVX-512 BF16 or AMX ran a
-    2048 bf16 matmul at 0.13 GFLOP/s (250 s), so a 256 probe slower than 1/8 of fp32's rules it out."""
+    2048 bf16 matmul at 0.13-0.27 GFLOP/s (minutes), so a 512 probe that projects more than 2 s
+    for one 2048 matmul (under ~9 GFLOP/s) rules it out. (A probe relative to fp32's was fooled
+    by load.)"""
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return None
     try:
-        if dtype != torch.float32 and _probe(dtype, device) < _probe(torch.float32, device) / 8:
+        if dtype != torch.float32 and (2048 / 512) ** 3 * _probe_seconds(dtype, device) > 2.0:
             return None
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         a @ b
@@ -234,14 +236,14 @@ def _matmul_rate(dtype, device, n=2048, min_seconds=1.0):
     return 2 * n ** 3 * done / (time.perf_counter() - t0) / 1e9
 
 
-def _probe(dtype, device, n=256):
+def _probe_seconds(dtype, device, n=512):
     a = torch.randn(n, n, device=device).to(dtype)
     a @ a
     _sync(device)
     t0 = time.perf_counter()
     a @ a
     _sync(device)
-    return 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
+    return time.perf_counter() - t0
 
 
 def _train_flops(features, images_u8, device):
