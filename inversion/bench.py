@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from . import config, encoder, extraction, feature_cache, runtime, synthetic, training
+from . import config, data, encoder, extraction, feature_cache, runtime, synthetic, training
 from .console import console
 from .decoders import LEAK, Decoder
 
@@ -40,6 +41,11 @@ def run(images=512, batch=64, steps=5, device="auto"):
                       f"on {runtime.describe_device(device)}")
         rows, out = [], {}
 
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            rate = out[f"matmul_gflops_{name}"] = _matmul_rate(dtype, device)
+            rows.append((f"dense matmul 2048x2048, {name} (`matmul_gflops_{name}`)",
+                         "no fast kernel here" if rate is None else f"{rate:,.0f} GFLOP/s", None, ""))
+
         job = extraction.prepare(cfg)
         t0 = time.perf_counter()
         extraction.build(cfg, job)
@@ -56,6 +62,19 @@ def run(images=512, batch=64, steps=5, device="auto"):
             images_u8 = torch.from_numpy(cache["train"]["images"][:batch]).to(device)
             cached = {layer: _step_time(_cached_step(data[layer], images_u8, device), steps, device)
                       for layer in config.LAYERS}
+            # The precision training computes in: fp32 on the CPU, bf16 autocast on CUDA.
+            precision = "bf16" if device.type == "cuda" else "fp32"
+            peak = out[f"matmul_gflops_{precision}"]
+            for layer in config.LAYERS:
+                flops = _train_flops(data[layer], images_u8, device)
+                rate = flops * batch / cached[layer] / 1e9
+                fraction = rate / peak
+                if layer == "conv2":
+                    out["train_flops_fraction"] = fraction
+                rows.append((f"{layer}: training FLOP rate vs {precision} matmul"
+                             + (" (`train_flops_fraction`)" if layer == "conv2" else ""),
+                             f"{flops / 1e6:,.0f} MFLOP/sample x {batch / cached[layer]:,.0f} samples/s = "
+                             f"{rate:,.0f} vs {peak:,.0f} GFLOP/s", fraction, ">= 0.7" if layer == "conv2" else ""))
             for layer, goal in (("conv2", 20), ("fc6", 3)):
                 original = _step_time(_original_step(layer, alexnet, images_u8, device, cfg), steps, device)
                 key = f"orig_vs_cached_{layer}"
@@ -77,6 +96,20 @@ def run(images=512, batch=64, steps=5, device="auto"):
                 rate = out[f"read_samples_per_s_{mode}"] = _read_rate(cache, "conv2", batch, mode, device)
                 rows.append((f"read conv2 training batches ({'in memory' if mode == 'memory' else 'streamed from HDF5'})",
                              f"{rate:,.0f} samples/s", None, ""))
+
+            rate = out["write_mb_per_s"] = _write_rate(cache, job, tmp / "write.h5", batch)
+            rows.append(("cache writer, HDF5 (`write_mb_per_s`)",
+                         f"{rate:,.0f} MB/s (extraction above needs {extract_rate * _bytes_per_image(cache) / 1e6:,.1f})",
+                         None, ""))
+
+        rates = {}
+        for workers in (1, 2):
+            rates[workers] = out[f"decode_img_per_s_{workers}_worker{'s' if workers > 1 else ''}"] = \
+                _decode_rate(job.dataset, [m for m, _ in job.split.train + job.split.eval],
+                             cfg["data.image_size"], batch, workers)
+        out["decode_scaling_2_workers"] = rates[2] / rates[1]
+        rows.append(("JPEG decode from the zip, 1 vs 2 workers (`decode_scaling_2_workers`)",
+                     f"{rates[1]:,.0f} vs {rates[2]:,.0f} img/s", out["decode_scaling_2_workers"], ">= 1.6"))
 
         big_zip = synthetic.write_zip(tmp / "tiny4.zip", classes, 4 * per_class, 1)
         (base1, small), (base4, large) = (_peak_rss(tmp / f"rss{k}", big_zip, k * per_class, batch) for k in (1, 4))
@@ -175,6 +208,89 @@ def original_decoder(shape):
         layers += [nn.ConvTranspose2d(channels, out, 5, 2, 2, output_padding=1), nn.LeakyReLU(LEAK)]
         channels = out
     return nn.Sequential(*layers)
+
+
+def _matmul_rate(dtype, device, n=2048, min_seconds=1.0):
+    """GFLOP/s of an n x n matmul after a warm-up: the machine's dense ceiling. None where the
+    device has no such dtype, or only a slow fallback: a CPU without AVX-512 BF16 or AMX ran a
+    2048 bf16 matmul at 0.13-0.27 GFLOP/s (minutes), so a 512 probe that projects more than 2 s
+    for one 2048 matmul (under ~9 GFLOP/s) rules it out. (A probe relative to fp32's was fooled
+    by load.)"""
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return None
+    try:
+        if dtype != torch.float32 and (2048 / 512) ** 3 * _probe_seconds(dtype, device) > 2.0:
+            return None
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        a @ b
+    except (RuntimeError, TypeError):
+        return None
+    _sync(device)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        a @ b
+        done += 1
+        if device.type != "cpu":
+            _sync(device)
+    _sync(device)
+    return 2 * n ** 3 * done / (time.perf_counter() - t0) / 1e9
+
+
+def _probe_seconds(dtype, device, n=512):
+    a = torch.randn(n, n, device=device).to(dtype)
+    a @ a
+    _sync(device)
+    t0 = time.perf_counter()
+    a @ a
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _train_flops(features, images_u8, device):
+    """Forward + backward FLOPs per sample of a cached training step (matmuls and convolutions,
+    as torch's FlopCounterMode counts them; element-wise work and the optimiser are not counted)."""
+    model = Decoder(features.shape[1:]).to(device)
+    with FlopCounterMode(display=False) as counter, training.autocast(device):
+        loss = F.mse_loss(model(features.float()).float(), training.to_target(images_u8))
+        loss.backward()
+    return counter.get_total_flops() / len(features)
+
+
+def _decode_rate(dataset, members, size, batch, workers, min_seconds=1.0):
+    """Images/s decoded from the dataset alone (read + JPEG decode + resize), `workers` at a time,
+    after one warm-up round that starts the workers."""
+    batches = [members[i:i + batch] for i in range(0, len(members), batch)]
+    with data.BatchDecoder(dataset, size, workers) as decoder:
+        for _ in decoder.map(batches[:workers]):
+            pass
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < min_seconds:
+            for images in decoder.map(batches):
+                done += len(images)
+    return done / (time.perf_counter() - t0)
+
+
+def _bytes_per_image(cache):
+    group = cache["train"]
+    return sum(group[k][0].nbytes for k in ("images", *config.LAYERS))
+
+
+def _write_rate(cache, job, path, batch):
+    """MB/s (10^6 bytes) the cache writer stores: the bench's images and features written again,
+    batch by batch, into a new file, flushed as extraction does."""
+    group = cache["train"]
+    n = len(group["images"])
+    shapes = {layer: group[layer].shape[1:] for layer in config.LAYERS}
+    meta = {name: ([0] * n, ["x"] * n, ["x"] * n) for name in feature_cache.SPLITS}  # eval stays empty
+    arrays = {k: group[k][()] for k in ("images", *config.LAYERS)}
+    writer = feature_cache.Writer(path, job.attrs, meta, shapes, group["conv2"].dtype, arrays["images"].shape[1])
+    t0 = time.perf_counter()
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        writer.write("train", start, arrays["images"][start:stop],
+                     {layer: arrays[layer][start:stop] for layer in config.LAYERS})
+    writer.finish()
+    return n * _bytes_per_image(cache) / (time.perf_counter() - t0) / 1e6
 
 
 def _step_time(step, steps, device):

@@ -4,13 +4,17 @@ Two layouts with one interface: Tiny ImageNet (the default) and an image folder
 (`train/<class>/*`, optional `val/<class>/*`). Images come out as RGB squares of `data.image_size`.
 """
 
+import ctypes
 import functools
 import hashlib
 import io
 import os
+import signal
 import urllib.request
 import zipfile
 import zlib
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,11 +145,62 @@ class _Dataset:
 
     def load_image(self, name, size=IMAGE_SIZE):
         """RGB uint8 array (size, size, 3), made by `to_square_rgb`."""
-        try:
-            with Image.open(io.BytesIO(self.read(name))) as im:
-                return to_square_rgb(im, size)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f"{self.path}: cannot decode image {self.root}{name} ({e})") from None
+        return decode_image(self.read(name), size, self.path, self.root + name)
+
+
+def decode_image(blob, size, path, member):
+    """Encoded image bytes -> RGB uint8 (size, size, 3); `path` and `member` name it in errors."""
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            return to_square_rgb(im, size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot decode image {member} ({e})") from None
+
+
+def _decode_batch(blobs, size, path, members):
+    return np.stack([decode_image(blob, size, path, member) for blob, member in zip(blobs, members)])
+
+
+def _die_with_parent():
+    """Linux: end this worker when its parent dies. A `kill -9`ed extraction otherwise left its
+    decoding processes waiting on their queue for good (seen in the tests)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class BatchDecoder:
+    """Decodes batches of images in `workers` processes (one: a thread), yielding them in order.
+
+    The calling thread reads the encoded bytes (cheap: a zip member or a file) and the workers
+    only decode, so no zip handle is shared between threads or processes. Processes, not threads:
+    a 64 px JPEG decodes in ~0.5 ms, mostly Python holding the GIL, so threads did not scale
+    (1,560 vs 1,330-1,670 img/s for 1 vs 2 threads on 2 cores) where processes did. `workers`
+    batches are in flight while the caller runs the encoder on the last one.
+    """
+
+    def __init__(self, dataset, size, workers=1):
+        self.dataset, self.size, self.workers = dataset, size, workers
+        self.pool = ThreadPoolExecutor(1) if workers == 1 else ProcessPoolExecutor(workers, initializer=_die_with_parent)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(cancel_futures=True)
+
+    def map(self, batches):
+        """Member lists -> uint8 arrays (B, size, size, 3), in the order given."""
+        pending = deque()
+        for members in batches:
+            blobs = [self.dataset.read(m) for m in members]
+            named = [self.dataset.root + m for m in members]
+            pending.append(self.pool.submit(_decode_batch, blobs, self.size, self.dataset.path, named))
+            if len(pending) > self.workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def to_square_rgb(im, size):

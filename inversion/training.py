@@ -16,6 +16,7 @@ import time
 import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,11 @@ from .decoders import Decoder
 from .errors import UserError
 
 HISTORY = "history.jsonl"
+# train.epochs: auto. The CPU figure keeps the README's main command inside 30 minutes on 2 cores.
+# On CUDA a conv2 epoch of the default split is ~160 steps of a decoder that a GPU runs in a few ms,
+# so 30 epochs of all four decoders is a few minutes (an estimate: no GPU has been lent yet), and
+# every loss is still falling at 5.
+AUTO_EPOCHS = {"cpu": 5, "cuda": 30}
 
 
 class DamagedCheckpoint(UserError):
@@ -41,7 +47,10 @@ def train(cfg, layers=None, fresh=False):
     device = runtime.pick_device(cfg["device"])
     distributed.setup(device)
     ranks = f", {distributed.world_size()} ranks (DistributedDataParallel)" if distributed.launched() else ""
-    console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device)}{ranks}")
+    setting = cfg["train.epochs"]
+    cfg = dict(cfg, **{"train.epochs": resolve_epochs(setting, device)})  # _lr's cosine needs the number
+    console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device)}{ranks}, "
+                  f"{cfg['train.epochs']} epochs" + (f" (train.epochs: auto on {device.type})" if setting == "auto" else ""))
     histories = {}
     with Timer() as timer, cache, contextlib.ExitStack() as locks:
         for layer in layers if distributed.is_main() else ():  # all before any work: a second run refuses at once
@@ -54,6 +63,11 @@ def train(cfg, layers=None, fresh=False):
     _show_summary(histories)
     summary("trained", samples, timer.seconds, "samples", f"{len(layers)} decoders in {decoder_dir(cfg)}")
     return histories
+
+
+def resolve_epochs(setting, device):
+    """`train.epochs`: an int, or auto = AUTO_EPOCHS by device type (MPS and others: the CPU's)."""
+    return AUTO_EPOCHS.get(device.type, AUTO_EPOCHS["cpu"]) if setting == "auto" else setting
 
 
 def decoder_dir(cfg, layer=""):
@@ -89,7 +103,7 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
     start = len(history)
-    epochs = cfg["train.epochs"]
+    epochs = resolve_epochs(cfg["train.epochs"], device)
     if start >= epochs:
         console.print(f"{layer}: already trained for {start} epochs (train.epochs={epochs})")
         return history, start
@@ -97,6 +111,8 @@ def train_layer(cfg, cache, layer, device, fresh=False):
         console.print(f"{layer}: resuming from {out / 'last.pt'} at epoch {start + 1}")
 
     train_x, train_y = inputs(cache, "train", layer, cfg["train.in_memory"], device)
+    # Said because it shapes the history: streaming shuffles in another order than in memory.
+    console.print(f"{layer}: inputs {'streamed from HDF5' if isinstance(train_x, h5py.Dataset) else 'in memory'}")
     eval_x, eval_y = inputs(cache, "eval", layer, cfg["train.in_memory"], device)
     best = min((h["eval_loss"] for h in history), default=math.inf)
     batch = cfg["train.batch_size"]
@@ -331,6 +347,15 @@ def read_history(path):
 
 
 def _available_ram():
+    """Linux's MemAvailable (free plus reclaimable page cache). MemFree (sysconf's AVPHYS_PAGES),
+    used before, shrinks as the page cache fills, so on a busy machine the default conv2 split (772
+    MB) was sometimes streamed instead of loaded, which changes the batch order and so the history."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

@@ -62,6 +62,18 @@ def test_float16_cache_is_the_float32_one_rounded(built, tmp_path):
         np.testing.assert_array_equal(f16["train/fc6"][()], f32["train/fc6"][()].astype(np.float16))
 
 
+def test_cache_content_does_not_depend_on_decode_workers(built, tmp_path):
+    """Two and three processes (batches of 5 over 18 + 6 images: uneven shares) must write the
+    very same bytes as the built cache's one thread (`auto` on the CPU)."""
+    cfg, path = built
+    for workers in (2, 3):
+        other = extraction.extract(dict(cfg, **{"extract.workers": workers, "cache.dir": str(tmp_path / str(workers))}))
+        with h5py.File(other) as a, h5py.File(path) as b:
+            for name in feature_cache.SPLITS:
+                for key in b[name]:
+                    np.testing.assert_array_equal(a[name][key][()], b[name][key][()], err_msg=f"{name}/{key}")
+
+
 def test_interrupted_write_leaves_nothing_valid_and_resumes(built, tmp_path, monkeypatch):
     cfg, reference = built
     cfg = dict(cfg, **{"cache.dir": str(tmp_path)})

@@ -150,3 +150,12 @@ def test_a_second_training_of_the_same_decoder_refuses_naming_the_first(built, t
         first.wait()
     assert len(train(cfg)) == 1  # the kernel let go of the killed one's lock
     assert not lock.exists()
+
+
+def test_auto_epochs_follow_the_device_and_are_printed(built, tmp_path, capsys):
+    assert training.resolve_epochs("auto", torch.device("cpu")) == 5
+    assert training.resolve_epochs("auto", torch.device("cuda")) == 30
+    assert training.resolve_epochs(2, torch.device("cuda")) == 2
+    cfg = cfg_in(built, tmp_path, **{"train.epochs": "auto", "train.schedule": "cosine"})
+    history = training.train(cfg, ["fc8"])["fc8"]
+    assert len(history) == 5 and "5 epochs (train.epochs: auto on cpu)" in capsys.readouterr().err
