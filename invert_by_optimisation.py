@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False)
 @app.command()
 @console.run
 def main(config_path: Path = console.ConfigOption, overrides: list[str] = console.SetOption,
-         layers: str = typer.Option(None, "--layers", help="Comma-separated subset of `layers`, e.g. conv2,fc8."),
+         layers: str = console.LayersOption,
          num_images: int = typer.Option(None, "--num-images", min=1,
                                         help="The first N rows of render.py's grid (default render.num_images)."),
          iterations: int = typer.Option(None, "--iterations", min=1,
@@ -23,8 +23,7 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
                                    help="eval, or train to tune optimisation.* away from the eval images.")):
     extra = [f"optimisation.iterations={iterations}"] if iterations else []
     cfg = config.load(config_path, [*overrides, *extra])
-    chosen = layers.split(",") if layers else None
-    config.check_layers(cfg, chosen or [], "--layers")
+    chosen = config.chosen_layers(cfg, layers)
     optimisation.run(cfg, chosen, num_images, fresh, split)
 
 

@@ -13,10 +13,9 @@ app = typer.Typer(add_completion=False)
 @console.run
 def main(paths: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
          config_path: Path = console.ConfigOption, overrides: list[str] = console.SetOption,
-         layers: str = typer.Option(None, "--layers", help="Comma-separated subset of `layers`, e.g. conv2,fc8.")):
+         layers: str = console.LayersOption):
     cfg = config.load(config_path, overrides)
-    chosen = layers.split(",") if layers else None
-    config.check_layers(cfg, chosen or [], "--layers")
+    chosen = config.chosen_layers(cfg, layers)
     own_images.reconstruct(cfg, paths, chosen)
 
 

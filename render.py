@@ -12,11 +12,10 @@ app = typer.Typer(add_completion=False)
 @app.command()
 @console.run
 def main(config_path: Path = console.ConfigOption, overrides: list[str] = console.SetOption,
-         layers: str = typer.Option(None, "--layers", help="Comma-separated subset of `layers`, e.g. conv2,fc8."),
+         layers: str = console.LayersOption,
          num_images: int = typer.Option(None, "--num-images", min=1, help="Rows of the comparison grid.")):
     cfg = config.load(config_path, overrides)
-    chosen = layers.split(",") if layers else None
-    config.check_layers(cfg, chosen or [], "--layers")
+    chosen = config.chosen_layers(cfg, layers)
     report.render(cfg, chosen, num_images)
 
 

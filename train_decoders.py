@@ -13,12 +13,11 @@ app = typer.Typer(add_completion=False)
 @app.command()
 @console.run
 def main(config_path: Path = console.ConfigOption, overrides: list[str] = console.SetOption,
-         layers: str = typer.Option(None, "--layers", help="Comma-separated subset of `layers`, e.g. conv2,fc8."),
+         layers: str = console.LayersOption,
          fresh: bool = typer.Option(False, "--fresh", help="Ignore existing checkpoints and start over."),
          describe: bool = typer.Option(False, "--describe", help="Print each decoder's layer table and exit.")):
     cfg = config.load(config_path, overrides)
-    chosen = layers.split(",") if layers else cfg["layers"]
-    config.check_layers(cfg, chosen, "--layers")
+    chosen = config.chosen_layers(cfg, layers) or cfg["layers"]
     if describe:
         print_tables(cfg, chosen)
     else:

@@ -113,6 +113,13 @@ def load(path="config.yaml", overrides=()):
     return cfg
 
 
+def chosen_layers(cfg, text):
+    """The `--layers` option of every command line: a checked list, or None for all of `layers`."""
+    chosen = text.split(",") if text else None
+    check_layers(cfg, chosen or [], "--layers")
+    return chosen
+
+
 def check_layers(cfg, layers, where):
     """AlexNet's names are known here; other archs' node names are checked against their graph
     when the encoder is built (that needs torchvision, which this module does not import)."""

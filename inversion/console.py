@@ -19,6 +19,7 @@ _every_rank = Console(stderr=True, highlight=False)
 
 ConfigOption = typer.Option(Path("config.yaml"), "--config", help="YAML config file.")
 SetOption = typer.Option([], "--set", help="Override a config key: dotted.key=value (YAML scalar). Repeatable.")
+LayersOption = typer.Option(None, "--layers", help="Comma-separated subset of `layers`, e.g. conv2,fc8.")
 
 
 def progress():

@@ -342,14 +342,6 @@ class Cache:
     def load(self, split, name):
         return self.file[split][name][()]
 
-    def _dataset(self, split, name):
-        """Datasets stay open while the file is: HDF5 writes out a dataset's buffered chunks when its
-        last handle closes, and a failure there is only printed, never raised (then crashes at exit),
-        whereas one in `flush` is raised and handled."""
-        if (split, name) not in self.datasets:
-            self.datasets[split, name] = self.file[split][name]
-        return self.datasets[split, name]
-
     def close(self):
         self.file.close()
 

@@ -61,21 +61,26 @@ def comparison_grid(originals, reconstructions, row_labels, path, note, provenan
     columns = {"original": originals, **reconstructions}
     rows, size = len(originals), originals.shape[1]
     fig, axes = plt.subplots(rows, len(columns), figsize=comparison_inches(rows, len(columns), size), squeeze=False)
-    for c, (title, images) in enumerate(columns.items()):
-        axes[0][c].set_title(title, fontsize=9)
-        for r in range(rows):
-            ax = axes[r][c]
-            ax.imshow(images[r], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+    _fill_grid(axes, columns, row_labels, heading_size=9)
     width, height = comparison_inches(rows, len(columns), size)
     fig.suptitle(f"{caption}\n{note}", fontsize=8, y=1 - 0.08 / height,
                  va="top")
     fig.subplots_adjust(left=LABEL / width, right=1 - 0.1 / width, top=1 - HEADER / height,
                         bottom=0.1 / height, wspace=0.05, hspace=0.05)
     return _save(fig, path, ("png",), note, provenance)
+
+
+def _fill_grid(axes, columns, row_labels, heading_size):
+    """Image r of column c into axes[r][c]: a heading over each column, a label left of each row."""
+    for c, (heading, images) in enumerate(columns.items()):
+        axes[0][c].set_title(heading, fontsize=heading_size)
+        for r in range(len(row_labels)):
+            ax = axes[r][c]
+            ax.imshow(images[r], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
 
 
 def layer_grid(originals, reconstruction, layer, path, note, provenance=""):
@@ -96,15 +101,7 @@ def image_table(columns, row_labels, path, title, note, provenance=""):
     rows = len(row_labels)
     width, height = image_table_inches(rows, columns)
     fig, axes = plt.subplots(rows, len(columns), figsize=(width, height), squeeze=False)
-    for c, (heading, images) in enumerate(columns.items()):
-        axes[0][c].set_title(heading, fontsize=8)
-        for r in range(rows):
-            ax = axes[r][c]
-            ax.imshow(images[r], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+    _fill_grid(axes, columns, row_labels, heading_size=8)
     grid_width = LABEL + CELL * len(columns) + 0.1
     side = (width - grid_width) / 2  # centres the grid in a widened figure
     fig.suptitle(f"{title}\n{note}", fontsize=8, y=1 - 0.08 / height, va="top")
