@@ -70,7 +70,13 @@ def _build_sharded(cfg, job):
     """Rank r extracts the r-th contiguous slice of each split into `<cache>.part-<r>-of-<N>.h5`;
     once every part is complete, rank 0 writes the cache as HDF5 virtual datasets over them."""
     rank, world = distributed.rank(), distributed.world_size()
-    distributed.setup(runtime.pick_device(cfg["device"]))
+    device = runtime.pick_device(cfg["device"])
+    distributed.setup(device)
+    if device.type == "cpu":
+        # torchrun gives each process one thread; oneDNN's convolutions sum in another order with
+        # another thread count, which moves a float16 feature by one unit in the last place. With
+        # the single process's thread count the parts hold exactly the single-process features.
+        torch.set_num_threads(runtime.cores())
     reuse = feature_cache.complete_parts(job.path, job.attrs["cache_hash"])
     distributed.barrier()  # every rank has looked before rank 0 clears anything
     if reuse:
@@ -152,8 +158,7 @@ def decode_workers(setting, device):
         return setting
     if device.type == "cpu":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, runtime.cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def _meta(job, items):

@@ -28,6 +28,11 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def cores():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def versions():
     return {"python": platform.python_version(), "torch": str(torch.__version__),
             "torchvision": metadata.version("torchvision"), "h5py": h5py.__version__, "numpy": np.__version__}

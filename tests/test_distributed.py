@@ -12,7 +12,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_cfg
 from inversion import distributed, extraction, feature_cache, training
@@ -25,7 +24,7 @@ def torchrun(script, cfg, *args, popen=False):
     overrides = [arg for key, value in cfg.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                script, "--config", str(ROOT / "config.yaml"), *overrides, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the single-process kernels
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun's default: 1 per process
     if popen:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
