@@ -54,7 +54,7 @@ SCHEMA = {
     "render.num_images": (20, int, lambda v: v >= 1, "an integer >= 1"),
     "render.grid_size": (8, int, lambda v: 1 <= v <= 32, "an integer in 1..32"),
     "render.top1": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
-    "render.analyses": (True, bool, None, "true or false"),
+    "render.analyses": (False, bool, None, "true or false"),
     "output.dir": ("outputs", str, None, "a folder path"),
     # Inversion by optimisation (invert_by_optimisation.py); the README says which constants are M&V's.
     "optimisation.iterations": (100, int, lambda v: v >= 1, "an integer >= 1"),

@@ -1,8 +1,11 @@
 """Shared fixtures: a small Tiny-ImageNet-shaped zip and a cache built from it by the real code."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 
-from inversion import config, extraction, synthetic
+from inversion import config, extraction, synthetic, training
 
 WNIDS = synthetic.wnids_for(5)
 TRAIN_PER_CLASS = 8
@@ -38,3 +41,20 @@ def built(tmp_path_factory, tiny_zip):
     tmp = tmp_path_factory.mktemp("built")
     cfg = make_cfg(tmp, tiny_zip, "cache.dtype=float32")
     return cfg, extraction.extract(cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_once(built, tmp_path_factory):
+    """conv5 and fc8 decoders trained one epoch on the built cache, once per session."""
+    cfg, _ = built
+    cfg = dict(cfg, **{"output.dir": str(tmp_path_factory.mktemp("trained")), "train.epochs": 1})
+    training.train(cfg, ["conv5", "fc8"])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(trained_once, tmp_path_factory):
+    """A private output.dir per test module, holding a copy of the session's decoders."""
+    out = tmp_path_factory.mktemp("out")
+    shutil.copytree(Path(trained_once["output.dir"]) / "decoders", out / "decoders")
+    return dict(trained_once, **{"output.dir": str(out)})

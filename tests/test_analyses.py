@@ -69,16 +69,8 @@ def test_train_stats_in_chunks_equal_the_whole_split_at_once():
     assert stats.relu and not analyses.train_stats(x - 0.01, chunk=4).relu
 
 
-@pytest.fixture(scope="module")
-def trained(built, tmp_path_factory):
-    cfg, _ = built
-    cfg = dict(cfg, **{"output.dir": str(tmp_path_factory.mktemp("analyses")), "train.epochs": 1})
-    training.train(cfg, ["conv5", "fc8"])
-    return cfg
-
-
 def test_render_writes_the_analyses_without_the_dataset(trained, tmp_path):
-    cfg = dict(trained, **{"data.path": str(tmp_path / "nowhere.zip")})
+    cfg = dict(trained, **{"data.path": str(tmp_path / "nowhere.zip"), "render.analyses": True})
     report.render(cfg)
     out = tmp_path.parent / cfg["output.dir"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -117,7 +109,7 @@ def test_interpolation_endpoints_are_the_images_own_reconstructions(trained):
 
 def test_analyses_take_any_layer_set(trained, tmp_path):
     """Only conv5: no fc8 analyses, and the claims say so instead of failing."""
-    cfg = dict(trained, **{"data.path": str(tmp_path / "nowhere.zip")})
+    cfg = dict(trained, **{"data.path": str(tmp_path / "nowhere.zip"), "render.analyses": True})
     result = report.render(cfg, ["conv5"])
     table = result["report"]["analyses"]
     assert set(table) == {"unperturbed", "binarized", "dropout50"}

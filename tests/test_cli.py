@@ -122,6 +122,8 @@ def test_all_eight_alexnet_layers_end_to_end(cfg_file, tmp_path):
     assert list(metrics["layers"]) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
     with Image.open(tmp_path / "out" / "reconstructions.png") as im:
         assert im.size == figures.pixel_size(figures.comparison_inches(2, 9))  # original + eight layers
+
+
 def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
     """The three commands on a zip of odd-sized images without val/: 128 px cache, decoders, figures."""
     from PIL import Image

@@ -7,7 +7,7 @@ from PIL import Image, features
 from typer.testing import CliRunner
 
 from conftest import make_cfg
-from inversion import data, extraction, feature_cache, figures, own_images, training
+from inversion import data, extraction, feature_cache, figures, own_images
 from inversion.errors import UserError
 
 
@@ -35,14 +35,6 @@ def test_to_square_rgb_converts_every_mode():
     palette.putpixel((0, 0), 0)
     out = data.to_square_rgb(palette, 8)
     assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [10, 200, 30]
-
-
-@pytest.fixture(scope="module")
-def trained(built, tmp_path_factory):
-    cfg, _ = built
-    cfg = dict(cfg, **{"output.dir": str(tmp_path_factory.mktemp("own")), "train.epochs": 1})
-    training.train(cfg, ["conv5", "fc8"])
-    return cfg
 
 
 def _pictures(folder):

@@ -6,16 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inversion import figures, report, training
+from inversion import figures, report
 from inversion.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def trained(built, tmp_path_factory):
-    cfg, _ = built
-    cfg = dict(cfg, **{"output.dir": str(tmp_path_factory.mktemp("render")), "train.epochs": 1})
-    training.train(cfg, ["conv5", "fc8"])
-    return cfg
 
 
 def test_render_from_cache_and_checkpoints_alone(trained, tmp_path, capsys):
