@@ -154,7 +154,7 @@ def run(cache, decoders, originals, unperturbed, errors, normaliser, rows, devic
             recon = _decode(model, cache["eval"][layer], perturb, batch, device)
             error = metrics.normalized_error(originals, recon, normaliser)
             table.setdefault(name, {})[layer] = {"normalized_error": error}
-            shown[name, layer] = _hwc(recon[rows])
+            shown[name, layer] = training.to_hwc(recon[rows])
             bar.advance(task)
         files = _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, note, provenance, out)
     summary("analysed", len(plan), timer.seconds, "perturbed decodings",
@@ -205,10 +205,6 @@ def _seed(seed, layer, stream):
     return int(np.random.SeedSequence([seed, zlib.crc32(layer.encode()), stream]).generate_state(1)[0])
 
 
-def _hwc(images):
-    return images.permute(0, 2, 3, 1).numpy()
-
-
 def _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, note, provenance, out):
     images, labels = cache["eval"]["images"], cache.load("eval", "labels")
     originals = np.stack([images[i] for i in rows])
@@ -222,12 +218,12 @@ def _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, not
             continue
         columns = {"original": originals}
         for layer in done:
-            columns[layer] = _hwc(unperturbed[layer][rows])
+            columns[layer] = training.to_hwc(unperturbed[layer][rows])
             columns[f"{layer}\n{HEADINGS[name]}"] = shown[name, layer]
         files += figures.image_table(columns, row_labels, out / f"analysis_{name}", TITLES[name], note, provenance)
 
     a, b = int(rows[0]), int(rows[1 % len(rows)])
-    steps = {layer: _hwc(interpolation_reconstructions(model, cache["eval"][layer][a], cache["eval"][layer][b],
+    steps = {layer: training.to_hwc(interpolation_reconstructions(model, cache["eval"][layer][a], cache["eval"][layer][b],
                                                        device)) for layer, (model, _) in decoders.items()}
     columns = {"image A": np.stack([images[a]] * len(layers))}
     for s in range(STEPS):
@@ -240,7 +236,7 @@ def _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, not
     for layer, (model, _) in decoders.items():
         generator = torch.Generator().manual_seed(_seed(seed, layer, 1))
         x = random_features(stats[layer].mean, stats[layer].std, RANDOM_SAMPLES, generator, stats[layer].relu)
-        samples[layer] = _hwc(_decode(model, x, lambda v: v, RANDOM_SAMPLES, device))
+        samples[layer] = training.to_hwc(_decode(model, x, lambda v: v, RANDOM_SAMPLES, device))
     columns = {f"sample {s + 1}": np.stack([samples[layer][s] for layer in layers]) for s in range(RANDOM_SAMPLES)}
     files += figures.image_table(columns, layers, out / "analysis_random_features", TITLES["random_features"], note,
                                  provenance)

@@ -189,14 +189,13 @@ def _run(cfg, cache, layers, num_images, fresh, split):
             "optimisation": entry}
         pictures[layer] = (decoded, optimised)
         _write_json(out / RESULTS, _merged(result, previous, cache.attrs["layers"]))  # stored as each layer finishes
-    to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()
     columns = {}
     for layer, (decoded, optimised) in pictures.items():
-        columns[f"{layer} decoder"] = to_hwc(decoded)
-        columns[f"{layer} optim."] = to_hwc(optimised)
+        columns[f"{layer} decoder"] = training.to_hwc(decoded)
+        columns[f"{layer} optim."] = training.to_hwc(optimised)
     provenance = json.dumps({"config_hash": result["config_hash"], "cache_hash": result["cache_hash"],
                              "versions": result["versions"]}, sort_keys=True)
-    figures.comparison_grid(to_hwc(originals), columns, [names[labels[i]].split(",")[0] for i in rows],
+    figures.comparison_grid(training.to_hwc(originals), columns, [names[labels[i]].split(",")[0] for i in rows],
                             out / FIGURE, result["encoder_description"], provenance,
                             caption=f"Decoder vs optimisation ({split} images, {s['iterations']} iterations)")
     _show(result)

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from . import data, encoder, extraction, feature_cache, figures, report, runtime, training
@@ -64,7 +63,7 @@ def reconstruct(cfg, paths, layers=None):
                     continue
                 images = np.stack(images)
                 features = extraction.forward(taps, images, built["encoder.input_size"], identity["arch"], device, dtype)
-                recon = {layer: _to_uint8(training.reconstruct(m, features[layer], BATCH, device))
+                recon = {layer: training.to_uint8(training.reconstruct(m, features[layer], BATCH, device))
                          for layer, (m, _) in decoders.items()}
                 for i, path in enumerate(batch):
                     columns = {"original": images[i:i + 1], **{layer: r[i:i + 1] for layer, r in recon.items()}}
@@ -133,10 +132,6 @@ def _output_names(files):
         used.add(name)
         names[path] = name
     return names
-
-
-def _to_uint8(images):
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _short(name, width=18):

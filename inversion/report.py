@@ -47,18 +47,17 @@ def _render(cfg, cache, layers, num_images):
 
     names = cache.attrs["class_names"]
     rows = grid_choice(labels, num_images, cfg["seed"])
-    to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()
     config_hash = config.digest(cfg)
     provenance = json.dumps({"config_hash": config_hash, "cache_hash": cache.attrs["cache_hash"],
                              "versions": runtime.versions()}, sort_keys=True)
     files = figures.loss_curves({layer: ckpt["history"] for layer, (_, ckpt) in decoders.items()}, out, note,
                                 provenance)
-    files += figures.comparison_grid(images[rows], {layer: to_hwc(r[rows]) for layer, r in recon.items()},
+    files += figures.comparison_grid(images[rows], {layer: training.to_hwc(r[rows]) for layer, r in recon.items()},
                                      [_short(names[labels[i]]) for i in rows], out / "reconstructions", note,
                                      provenance)
     grid = grid_choice(labels, cfg["render.grid_size"] ** 2, cfg["seed"] + 1)
     for layer, r in recon.items():
-        files += figures.layer_grid(images[grid], to_hwc(r[grid]), layer, out / f"grid_{layer}", note, provenance)
+        files += figures.layer_grid(images[grid], training.to_hwc(r[grid]), layer, out / f"grid_{layer}", note, provenance)
     table = {}
     if cfg["render.analyses"]:
         errors = {layer: values["normalized_error"] for layer, values in scores.items()}
@@ -154,7 +153,7 @@ def _top1(cfg, identity, images, recon, device, batch=128):
                 for s in range(0, len(uint8_images), batch)])
 
     reference = classes(images)
-    return {layer: (classes(_to_uint8(r)) == reference).float().mean().item() for layer, r in recon.items()}
+    return {layer: (classes(training.to_uint8(r)) == reference).float().mean().item() for layer, r in recon.items()}
 
 
 def _top1_reason(cfg, identity):
@@ -163,10 +162,6 @@ def _top1_reason(cfg, identity):
     if cfg["render.top1"] == "auto" and not encoder.is_pretrained(identity):
         return "random-init encoder: its classes mean nothing (set render.top1=true to compute anyway)"
     return ""
-
-
-def _to_uint8(images):
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def grid_choice(labels, n, seed):
