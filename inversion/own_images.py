@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from . import data, encoder, extraction, feature_cache, figures, report, runtime, training
