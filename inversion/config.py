@@ -49,6 +49,8 @@ SCHEMA = {
     "train.betas": ([0.9, 0.999], list, lambda v: len(v) == 2 and all(isinstance(b, _NUM) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "train.weight_decay": (0.0, _NUM, lambda v: v >= 0, "a number >= 0"),
     "train.schedule": ("none", str, lambda v: v in ("none", "cosine"), "none or cosine"),
+    "train.warmup": (0.0, _NUM, lambda v: 0 <= v < 1, "a number in [0, 1) (a fraction of the steps)"),
+    "train.holdout": (0.0, _NUM, lambda v: 0 <= v < 1, "a number in [0, 1) (a fraction of the train split)"),
     "train.in_memory": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
     "train.shuffle_buffer": (4096, int, lambda v: v >= 1, "an integer >= 1"),
     "render.num_images": (20, int, lambda v: v >= 1, "an integer >= 1"),

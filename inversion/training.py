@@ -48,7 +48,7 @@ def train(cfg, layers=None, fresh=False):
     distributed.setup(device)
     ranks = f", {distributed.world_size()} ranks (DistributedDataParallel)" if distributed.launched() else ""
     setting = cfg["train.epochs"]
-    cfg = dict(cfg, **{"train.epochs": resolve_epochs(setting, device)})  # _lr's cosine needs the number
+    cfg = dict(cfg, **{"train.epochs": resolve_epochs(setting, device)})  # the lr schedule needs the number
     console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device)}{ranks}, "
                   f"{cfg['train.epochs']} epochs" + (f" (train.epochs: auto on {device.type})" if setting == "auto" else ""))
     histories = {}
@@ -79,7 +79,7 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     out = decoder_dir(cfg, layer)
     out.mkdir(parents=True, exist_ok=True)
     shape = cache["train"][layer].shape[1:]
-    guard = {"cache_hash": cache.attrs["cache_hash"],
+    guard = {"cache_hash": cache.attrs["cache_hash"], "holdout": cfg["train.holdout"],
              "decoder": {"layer": layer, "in_shape": list(shape), "width": cfg["decoder.width"],
                          "out_size": cfg["data.image_size"]}}
     torch.manual_seed(_seed(cfg["seed"], layer))
@@ -113,15 +113,19 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     train_x, train_y = inputs(cache, "train", layer, cfg["train.in_memory"], device)
     # Said because it shapes the history: streaming shuffles in another order than in memory.
     console.print(f"{layer}: inputs {'streamed from HDF5' if isinstance(train_x, h5py.Dataset) else 'in memory'}")
-    eval_x, eval_y = inputs(cache, "eval", layer, cfg["train.in_memory"], device)
+    if cfg["train.holdout"]:
+        (train_x, train_y), (eval_x, eval_y) = hold_out(train_x, train_y, cfg["train.holdout"], cfg["seed"])
+        console.print(f"{layer}: eval loss on {len(eval_x):,} held-out training images (train.holdout="
+                      f"{cfg['train.holdout']}); the eval split is not used")
+    else:
+        eval_x, eval_y = inputs(cache, "eval", layer, cfg["train.in_memory"], device)
     best = min((h["eval_loss"] for h in history), default=math.inf)
     batch = cfg["train.batch_size"]
+    steps = math.ceil(len(train_x) / batch)  # per epoch
     with progress() as bar:
         task = bar.add_task(f"{layer} epoch {start + 1}/{epochs}", total=len(train_x), rate="")
         for epoch in range(start, epochs):
-            lr = _lr(cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = _lr(cfg, epoch * steps, epochs * steps)
             rng = np.random.default_rng(_seed(cfg["seed"], layer, epoch))
             bar.reset(task, total=len(train_x), description=f"{layer} epoch {epoch + 1}/{epochs}")
             t0 = time.perf_counter()
@@ -131,7 +135,8 @@ def train_layer(cfg, cache, layer, device, fresh=False):
                 bar.update(task, rate=rate_text(bar.tasks[0].completed, time.perf_counter() - t0, "samples"))
 
             data = batches(train_x, train_y, batch, rng, cfg["train.shuffle_buffer"], device)
-            train_loss, seen = _train_epoch(net, optimizer, data, device, advance)
+            train_loss, seen = _train_epoch(net, optimizer, data, device, advance,
+                                            lambda i: _lr(cfg, epoch * steps + i, epochs * steps))
             eval_loss = evaluate(model, eval_x, eval_y, batch, device)
             seconds = time.perf_counter() - t0
             if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
@@ -156,13 +161,15 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     return history, start
 
 
-def _train_epoch(model, optimizer, data, device, advance):
-    """One pass over `data`; returns (mean loss, samples), over all ranks. The loss stays on the
-    device until the end."""
+def _train_epoch(model, optimizer, data, device, advance, lr_at):
+    """One pass over `data` with the learning rate `lr_at(step)`; returns (mean loss, samples), over
+    all ranks. The loss stays on the device until the end."""
     model.train()
     world = distributed.world_size()
     total, seen = torch.zeros((), device=device), 0
-    for x, y, global_batch in data:
+    for step, (x, y, global_batch) in enumerate(data):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
         weight = world * len(x) / global_batch  # DDP averages gradients over ranks: this makes it the batch mean
         loss = _loss(model, x, y, device, weight)
         optimizer.zero_grad(set_to_none=True)
@@ -306,10 +313,30 @@ def _rms(dataset, limit=2048):
     return max(sample.pow(2).mean().sqrt().item(), 1e-8)
 
 
-def _lr(cfg, epoch):
+def _lr(cfg, step, total):
+    """The learning rate at optimiser step `step` of the run's `total`: a linear warm-up over the
+    first `train.warmup` of the steps, then `train.lr` held (none) or decayed to zero (cosine). A
+    function of the step alone, so a resumed run follows the uninterrupted one's schedule."""
+    peak, warm = cfg["train.lr"], round(cfg["train.warmup"] * total)
+    step = min(step, total - 1)  # a streamed epoch can run a step longer than ceil(n / batch)
+    if step < warm:
+        return peak * (step + 1) / warm
     if cfg["train.schedule"] == "cosine":
-        return cfg["train.lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg["train.epochs"]))
-    return cfg["train.lr"]
+        return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    return peak
+
+
+def hold_out(x, y, fraction, seed):
+    """((train x, y), (held-out x, y)): a seeded `fraction` of the training split, the same images
+    for every layer, to tune training on without touching the eval split."""
+    if isinstance(x, h5py.Dataset):
+        raise UserError("train.holdout needs the training split in memory: set train.in_memory=true "
+                        "(or a smaller split)")
+    order = np.random.default_rng(_seed(seed, "holdout")).permutation(len(x))
+    held, kept = np.sort(order[:round(fraction * len(x))]), np.sort(order[round(fraction * len(x)):])
+    if isinstance(x, torch.Tensor):
+        held, kept = torch.from_numpy(held).to(x.device), torch.from_numpy(kept).to(x.device)
+    return (x[kept], y[kept]), (x[held], y[held])
 
 
 def _seed(seed, layer, epoch=-1):
@@ -325,11 +352,16 @@ def _resume_point(out, guard, fresh):
         checkpoint = load_checkpoint(path)
     except DamagedCheckpoint as damaged:
         return _instead_of_damaged(out, guard, damaged)
-    for key in ("cache_hash", "decoder"):
-        if checkpoint.get(key) != guard[key]:
-            raise UserError(f"{path} was trained with {key} {checkpoint.get(key)}, now {guard[key]}; "
-                            f"pass --fresh to start this decoder over")
+    key = _mismatch(checkpoint, guard)
+    if key:
+        raise UserError(f"{path} was trained with {key} {checkpoint.get(key)}, now {guard[key]}; "
+                        f"pass --fresh to start this decoder over")
     return checkpoint
+
+
+def _mismatch(checkpoint, guard):
+    """The first guarded setting a checkpoint was trained with that differs from now, else None."""
+    return next((key for key in guard if checkpoint.get(key, 0.0 if key == "holdout" else None) != guard[key]), None)
 
 
 def _instead_of_damaged(out, guard, damaged):
@@ -341,7 +373,7 @@ def _instead_of_damaged(out, guard, damaged):
         checkpoint = load_checkpoint(best) if best.exists() else None
     except DamagedCheckpoint:
         checkpoint = None
-    if checkpoint is None or any(checkpoint.get(key) != guard[key] for key in ("cache_hash", "decoder")):
+    if checkpoint is None or _mismatch(checkpoint, guard):
         raise UserError(f"{damaged}; no intact {best.name} to resume from: pass --fresh to start {layer} over "
                         f"(train_decoders.py --layers {layer} --fresh)")
     aside = last.with_name(last.name + ".damaged")

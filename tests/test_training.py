@@ -1,11 +1,14 @@
 import json
+import math
 import subprocess
 import sys
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
-from inversion import training
+from inversion import feature_cache, training
 from inversion.errors import UserError
 
 
@@ -52,6 +55,26 @@ def test_two_epochs_equal_one_plus_resume_plus_one(built, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = train(cfg_in(built, tmp_path / "split", **{"train.epochs": 2}))
     assert losses(again) == losses(straight)  # nothing left to do
+
+
+def test_a_run_killed_mid_schedule_resumes_on_the_same_learning_rates(built, tmp_path, monkeypatch):
+    cfg = {"train.epochs": 3, "train.schedule": "cosine", "train.warmup": 0.3}
+    straight = train(cfg_in(built, tmp_path / "straight", **cfg))
+    evaluate, calls = training.evaluate, []
+
+    def killed_in_epoch_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(training, "evaluate", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_in(built, tmp_path / "killed", **cfg))
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    resumed = train(cfg_in(built, tmp_path / "killed", **cfg))
+    assert losses(resumed) == losses(straight) and [h["lr"] for h in resumed] == [h["lr"] for h in straight]
+    assert straight[0]["lr"] < straight[1]["lr"] > straight[2]["lr"]  # warm-up step, then the decay
 
 
 def test_streamed_input_trains_like_in_memory_input_up_to_order(built, tmp_path):
@@ -159,3 +182,45 @@ def test_auto_epochs_follow_the_device_and_are_printed(built, tmp_path, capsys):
     cfg = cfg_in(built, tmp_path, **{"train.epochs": "auto", "train.schedule": "cosine"})
     history = training.train(cfg, ["fc8"])["fc8"]
     assert len(history) == 5 and "5 epochs (train.epochs: auto on cpu)" in capsys.readouterr().err
+
+
+def test_lr_warms_up_linearly_then_holds_or_decays_to_zero_on_a_cosine():
+    cfg = {"train.lr": 1.0, "train.warmup": 0.2, "train.schedule": "cosine"}
+    lrs = [training._lr(cfg, step, 10) for step in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]  # two warm-up steps, then the cosine starts at the peak
+    assert lrs[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    assert training._lr(cfg, 12, 10) == lrs[9]  # a streamed epoch's extra step
+    held = [training._lr(dict(cfg, **{"train.schedule": "none"}), step, 10) for step in range(10)]
+    assert held == [0.5] + [1.0] * 9
+
+
+def test_holdout_evaluates_on_seeded_train_images_the_same_for_every_layer(built, tmp_path, capsys):
+    x = np.arange(20)[:, None].repeat(3, axis=1)
+    (kx, ky), (hx, hy) = training.hold_out(x, x[:, 0], 0.25, seed=0)
+    assert len(hx) == 5 and len(kx) == 15 and not set(hx[:, 0]) & set(kx[:, 0]) and (hy == hx[:, 0]).all()
+    (_, _), (again, _) = training.hold_out(x * 2, x[:, 0], 0.25, seed=0)
+    assert (again == 2 * hx).all()  # the same rows, whatever the layer's features
+    (_, _), (other, _) = training.hold_out(x, x[:, 0], 0.25, seed=1)
+    assert (other != hx).any()
+    cfg = cfg_in(built, tmp_path, **{"train.epochs": 1, "train.holdout": 0.25})
+    history = train(cfg)
+    assert history[0]["samples"] == 18 - round(0.25 * 18) and "held-out training images" in capsys.readouterr().err
+    assert history[0]["eval_loss"] != train(cfg_in(built, tmp_path / "plain", **{"train.epochs": 1}))[0]["eval_loss"]
+    with pytest.raises(UserError, match="trained with holdout 0.25, now 0.0; pass --fresh"):
+        train(dict(cfg, **{"train.holdout": 0.0, "train.epochs": 2}))
+    with pytest.raises(UserError, match="train.holdout needs the training split in memory"):
+        train(cfg_in(built, tmp_path / "streamed", **{"train.holdout": 0.25, "train.in_memory": False}))
+
+
+def test_in_memory_auto_follows_memavailable_not_memfree(built, tmp_path, monkeypatch):
+    """A full page cache shrinks MemFree but not MemAvailable; when auto followed MemFree, one of two
+    default runs streamed conv2 (another batch order) and the histories differed."""
+    meminfo = dict(line.split(":") for line in open("/proc/meminfo").read().splitlines())
+    assert training._available_ram() == int(meminfo["MemAvailable"].split()[0]) * 1024
+    with feature_cache.open_for(built[0], ["conv5"]) as cache:
+        nbytes = cache["train"]["conv5"].nbytes + cache["train"]["images"].nbytes
+        for ram, streamed in ((2 * nbytes - 1, True), (2 * nbytes + 1, False)):
+            monkeypatch.setattr(training, "_available_ram", lambda: ram)
+            x, _ = training.inputs(cache, "train", "conv5", "auto", torch.device("cpu"))
+            assert isinstance(x, h5py.Dataset) == streamed
