@@ -125,7 +125,9 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     with progress() as bar:
         task = bar.add_task(f"{layer} epoch {start + 1}/{epochs}", total=len(train_x), rate="")
         for epoch in range(start, epochs):
-            lr = _lr(cfg, epoch * steps, epochs * steps)
+            def lr_at(step, epoch=epoch):
+                return _lr(cfg, epoch * steps + step, epochs * steps)
+
             rng = np.random.default_rng(_seed(cfg["seed"], layer, epoch))
             bar.reset(task, total=len(train_x), description=f"{layer} epoch {epoch + 1}/{epochs}")
             t0 = time.perf_counter()
@@ -135,15 +137,14 @@ def train_layer(cfg, cache, layer, device, fresh=False):
                 bar.update(task, rate=rate_text(bar.tasks[0].completed, time.perf_counter() - t0, "samples"))
 
             data = batches(train_x, train_y, batch, rng, cfg["train.shuffle_buffer"], device)
-            train_loss, seen = _train_epoch(net, optimizer, data, device, advance,
-                                            lambda i: _lr(cfg, epoch * steps + i, epochs * steps))
+            train_loss, seen = _train_epoch(net, optimizer, data, device, advance, lr_at)
             eval_loss = evaluate(model, eval_x, eval_y, batch, device)
             seconds = time.perf_counter() - t0
             if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
                 kept = f"kept {out / 'last.pt'} (epoch {len(history)})" if history else "no checkpoint was written"
                 raise UserError(f"{layer}: loss became {train_loss if not math.isfinite(train_loss) else eval_loss}"
                                 f" in epoch {epoch + 1}; stopped, {kept}; try a lower train.lr")
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "eval_loss": eval_loss, "lr": lr,
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "eval_loss": eval_loss, "lr": lr_at(0),
                             "seconds": round(seconds, 3), "samples": seen,
                             "samples_per_s": round(seen / seconds, 1)})
             if distributed.is_main():  # one writer: every rank holds the same weights
@@ -333,7 +334,8 @@ def hold_out(x, y, fraction, seed):
         raise UserError("train.holdout needs the training split in memory: set train.in_memory=true "
                         "(or a smaller split)")
     order = np.random.default_rng(_seed(seed, "holdout")).permutation(len(x))
-    held, kept = np.sort(order[:round(fraction * len(x))]), np.sort(order[round(fraction * len(x)):])
+    n = round(fraction * len(x))
+    held, kept = np.sort(order[:n]), np.sort(order[n:])
     if isinstance(x, torch.Tensor):
         held, kept = torch.from_numpy(held).to(x.device), torch.from_numpy(kept).to(x.device)
     return (x[kept], y[kept]), (x[held], y[held])
