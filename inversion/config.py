@@ -44,7 +44,7 @@ SCHEMA = {
     "decoder.width": (0.5, _NUM, lambda v: 0 < v <= 4, "a number in (0, 4]"),
     "train.epochs": ("auto", (str, int), lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
                      "auto or an integer >= 0"),
-    "train.batch_size": (64, int, lambda v: v >= 1, "an integer >= 1"),
+    "train.batch_size": (32, int, lambda v: v >= 1, "an integer >= 1"),
     "train.lr": (3e-4, _NUM, lambda v: v > 0, "a number > 0"),
     "train.betas": ([0.9, 0.999], list, lambda v: len(v) == 2 and all(isinstance(b, _NUM) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "train.weight_decay": (0.0, _NUM, lambda v: v >= 0, "a number >= 0"),

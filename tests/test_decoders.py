@@ -33,13 +33,30 @@ def test_width_halves_conv_channels_but_not_fc():
     assert [r[3] for r in fc if r[0].startswith("uconv")] == [128, 64, 32, 3]
 
 
-def test_input_scale_divides_the_features():
-    model = decoders.Decoder(SHAPES["fc8"])
-    x = torch.randn(1, 1000)
+@pytest.mark.parametrize("layer", ["conv5", "fc8"])
+def test_features_are_standardised_per_channel(layer):
+    model = decoders.Decoder(SHAPES[layer])
+    x = torch.randn(2, *SHAPES[layer])
     reference = model(x)
-    model.input_scale.fill_(2.0)
-    assert torch.allclose(model(2 * x), reference, atol=1e-6)
-    assert "input_scale" in model.state_dict()
+    stats = model.input_mean.shape
+    mean, std = torch.randn(stats), torch.rand(stats) + 0.5
+    model.input_mean.copy_(mean)
+    model.input_std.copy_(std)
+    assert torch.allclose(model(x * std + mean), reference, atol=1e-5)
+    assert stats[0] == SHAPES[layer][0] and {"input_mean", "input_std"} <= set(model.state_dict())
+
+
+def test_a_checkpoint_with_one_scalar_input_scale_loads_as_that_divisor():
+    """Checkpoints from before per-channel standardisation divided the features by one scalar."""
+    model = decoders.Decoder(SHAPES["conv5"])
+    state = model.state_dict()
+    del state["input_mean"], state["input_std"]
+    state["input_scale"] = torch.tensor(2.0)
+    old = decoders.Decoder(SHAPES["conv5"])
+    old.load_state_dict(state)
+    x = torch.randn(2, *SHAPES["conv5"])
+    assert torch.allclose(old(2 * x), model(x), atol=1e-6)
+    assert "input_scale" not in old.state_dict()
 
 
 def test_the_mission_decoders_are_unchanged():

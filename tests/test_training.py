@@ -34,7 +34,20 @@ def test_training_lowers_the_eval_loss_and_writes_artifacts(built, tmp_path):
     assert training.read_history(folder / "history.jsonl") == history
     model, checkpoint = training.load_decoder(folder / "last.pt")
     assert checkpoint["cache_hash"] and checkpoint["decoder"]["layer"] == "conv5" and checkpoint["versions"]
-    assert model.input_scale.item() != 1.0
+    with h5py.File(built[1], "r") as f:  # the tiny split is under 2,048 samples: the statistics use them all
+        features = torch.from_numpy(f["train/conv5"][()]).float()
+    assert torch.allclose(model.input_mean.flatten(), features.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(model.input_std.flatten(), training.standardisation(features.numpy())[1])
+
+
+def test_standardisation_samples_the_whole_class_ordered_split_and_floors_dead_units():
+    features = np.zeros((10_000, 3), np.float32)
+    features[5_000:, 0] = 1.0                          # the second half of the classes is brighter
+    features[:, 1] = np.random.default_rng(0).normal(5.0, 2.0, 10_000)
+    mean, std = training.standardisation(features)     # column 2: a dead unit, always 0
+    assert mean[0] == pytest.approx(0.5, abs=0.01) and mean[1] == pytest.approx(5.0, abs=0.2)
+    assert std[1] == pytest.approx(2.0, rel=0.1)
+    assert std[2] == pytest.approx(0.1 * (std[0] + std[1] + 0.0) / 3, rel=0.2)  # not ~0: floored
 
 
 def test_same_seed_same_history_and_seed_matters(built, tmp_path):
@@ -176,12 +189,12 @@ def test_a_second_training_of_the_same_decoder_refuses_naming_the_first(built, t
 
 
 def test_auto_epochs_follow_the_device_and_are_printed(built, tmp_path, capsys):
-    assert training.resolve_epochs("auto", torch.device("cpu")) == 5
+    assert training.resolve_epochs("auto", torch.device("cpu")) == 3
     assert training.resolve_epochs("auto", torch.device("cuda")) == 30
     assert training.resolve_epochs(2, torch.device("cuda")) == 2
     cfg = cfg_in(built, tmp_path, **{"train.epochs": "auto", "train.schedule": "cosine"})
     history = training.train(cfg, ["fc8"])["fc8"]
-    assert len(history) == 5 and "5 epochs (train.epochs: auto on cpu)" in capsys.readouterr().err
+    assert len(history) == 3 and "3 epochs (train.epochs: auto on cpu)" in capsys.readouterr().err
 
 
 def test_lr_warms_up_linearly_then_holds_or_decays_to_zero_on_a_cosine():
