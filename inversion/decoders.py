@@ -71,7 +71,7 @@ class Decoder(nn.Sequential):
         self.out_size = out_size
         # Features arrive standardised per channel, with the training split's statistics (set before
         # training). Channels differ in offset far more than they vary across images (random-init
-        # AlexNet's fc8: per-unit offsets 11x the spread), and a decoder fed them raw, or divided by one
+        # AlexNet's fc8: per-unit offsets 10x the spread), and a decoder fed them raw, or divided by one
         # scalar as before, spends its first epochs learning to subtract them (README, Performance).
         stats = (in_shape[0],) + (1,) * (len(in_shape) - 1)
         self.register_buffer("input_mean", torch.zeros(stats))
