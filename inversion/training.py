@@ -94,13 +94,6 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         history = checkpoint["history"]
-    else:
-        mean, std = standardisation(cache["train"][layer])
-        model.input_mean.copy_(mean.view_as(model.input_mean))
-        model.input_std.copy_(std.view_as(model.input_std))
-    # Wrapped after the weights are final: DDP copies rank 0's parameters to every rank.
-    net = model if not distributed.launched() else DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = adam(model.parameters(), device, lr=cfg["train.lr"], betas=tuple(cfg["train.betas"]),
                      weight_decay=cfg["train.weight_decay"])
     if checkpoint:
@@ -116,6 +109,13 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     train_x, train_y = inputs(cache, "train", layer, cfg["train.in_memory"], device)
     # Said because it shapes the history: streaming shuffles in another order than in memory.
     console.print(f"{layer}: inputs {'streamed from HDF5' if isinstance(train_x, h5py.Dataset) else 'in memory'}")
+    if not checkpoint:  # from the split as loaded (in memory: no second, strided read of the HDF5 file)
+        mean, std = standardisation(train_x)
+        model.input_mean.copy_(mean.view_as(model.input_mean))
+        model.input_std.copy_(std.view_as(model.input_std))
+    # Wrapped after the weights are final: DDP copies rank 0's parameters and buffers to every rank.
+    net = model if not distributed.launched() else DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
     if cfg["train.holdout"]:
         (train_x, train_y), (eval_x, eval_y) = hold_out(train_x, train_y, cfg["train.holdout"], cfg["seed"])
         console.print(f"{layer}: eval loss on {len(eval_x):,} held-out training images (train.holdout="
@@ -316,7 +316,7 @@ def standardisation(dataset, limit=2048):
     split (it is stored class by class: the first samples would be a few classes). Units that barely
     vary (dead ReLUs) are divided by a tenth of the typical std rather than by ~0, so that an image
     unlike the sample cannot blow them up."""
-    sample = torch.from_numpy(dataset[::max(1, len(dataset) // limit)]).float()
+    sample = torch.as_tensor(dataset[::max(1, len(dataset) // limit)]).float()  # numpy, HDF5 or a GPU tensor
     dims = [0, *range(2, sample.dim())]
     mean, std = sample.mean(dims), sample.std(dims)
     floor = 0.1 * std.mean().item()
