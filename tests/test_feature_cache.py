@@ -307,9 +307,9 @@ def test_a_small_filesystem_filling_midway_keeps_a_partial_that_resumes(built, t
             f"cfg = make_cfg(Path({str(tmp_path)!r}), {str(cfg['data.path'])!r}, 'cache.dtype=float32', "
             f"'cache.dir={small}')\n"
             f"try:\n    console.run(extraction.extract)(cfg)\nexcept typer.Exit as e:\n    sys.exit(e.exit_code)")
-    script = (f"mount -t tmpfs -o size=4m tmpfs {small} && cd {ROOT / 'tests'} && python3 -c \"$CODE\"; "
+    script = (f"mount -t tmpfs -o size=4m tmpfs {small} && cd {ROOT / 'tests'} && \"$PYTHON\" -c \"$CODE\"; "
               f"echo rc=$? >&2; ls {small} >&2; mkdir {tmp_path}/cache && cp {small}/* {tmp_path}/cache/")
-    err = subprocess.run(["unshare", "-rm", "sh", "-c", script], env={**os.environ, "CODE": code},
+    err = subprocess.run(["unshare", "-rm", "sh", "-c", script], env={**os.environ, "CODE": code, "PYTHON": sys.executable},
                          capture_output=True, text=True, timeout=300).stderr
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-2:] == ["rc=2", reference.name + ".partial"], err[-3000:]  # refused, partial kept

@@ -45,6 +45,7 @@ def test_standardisation_samples_the_whole_class_ordered_split_and_floors_dead_u
     features[5_000:, 0] = 1.0                          # the second half of the classes is brighter
     features[:, 1] = np.random.default_rng(0).normal(5.0, 2.0, 10_000)
     mean, std = training.standardisation(features)     # column 2: a dead unit, always 0
+    mean, std = mean.tolist(), std.tolist()             # plain floats: pytest.approx iterates over tensors
     assert mean[0] == pytest.approx(0.5, abs=0.01) and mean[1] == pytest.approx(5.0, abs=0.2)
     assert std[1] == pytest.approx(2.0, rel=0.1)
     assert std[2] == pytest.approx(0.1 * (std[0] + std[1] + 0.0) / 3, rel=0.2)  # not ~0: floored
