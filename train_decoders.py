@@ -28,7 +28,8 @@ def print_tables(cfg, layers):
     """The architecture tables, read off the modules themselves (the README quotes this output)."""
     shapes = encoder.feature_shapes(cfg["encoder.arch"], cfg["encoder.input_size"], layers)
     for layer in layers:
-        model = decoders.Decoder(shapes[layer], cfg["decoder.width"], out_size=cfg["data.image_size"])
+        model = decoders.Decoder(shapes[layer], cfg["decoder.width"], out_size=cfg["data.image_size"],
+                                 fc_width=cfg["decoder.fc_width"])
         total = sum(p.numel() for p in model.parameters())
         table = Table(title=f"{layer} decoder (input {'x'.join(map(str, shapes[layer]))}, "
                             f"width {cfg['decoder.width']}, {total:,} parameters)")

@@ -23,13 +23,13 @@ perturbation means the decoder needed nothing the perturbation removed.
 """
 
 import math
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import figures, metrics, training
+from . import figures, inference, metrics, runtime
+from .images import to_hwc
 from .console import Timer, progress, summary
 
 TOP_K = 5
@@ -151,10 +151,10 @@ def run(cache, decoders, originals, unperturbed, errors, normaliser, rows, devic
         for name, layer in plan:
             model = decoders[layer][0]
             perturb = _perturbation(name, stats[layer], seed, layer)
-            recon = _decode(model, cache["eval"][layer], perturb, batch, device)
+            recon = inference.decode(model, cache["eval"][layer], batch, device, perturb)
             error = metrics.normalized_error(originals, recon, normaliser)
             table.setdefault(name, {})[layer] = {"normalized_error": error}
-            shown[name, layer] = training.to_hwc(recon[rows])
+            shown[name, layer] = to_hwc(recon[rows])
             bar.advance(task)
         files = _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, note, provenance, out)
     summary("analysed", len(plan), timer.seconds, "perturbed decodings",
@@ -178,31 +178,14 @@ def _perturbation(name, stats, seed, layer):
         return lambda x: without_top_k(x, stats.mean.to(x.device))
     if name == "binarized":
         return lambda x: binarized(x, stats.positive_mean.to(x.device))
-    generator = torch.Generator().manual_seed(_seed(seed, layer, 0))  # one stream per layer
+    generator = torch.Generator().manual_seed(runtime.derive_seed(seed, layer, 0))  # one stream per layer
     return lambda x: dropout50(x, generator)
-
-
-@torch.no_grad()
-def _decode(model, features, perturb, batch, device):
-    """Decoder outputs of perturbed features, chunk by chunk, clamped to [0, 1], on the CPU."""
-    model = model.to(device).eval()
-    outs = []
-    for start in range(0, len(features), batch):
-        x = perturb(torch.as_tensor(np.asarray(features[start:start + batch])).float()).to(device)
-        with training.autocast(device):
-            outs.append(model(x).float().clamp_(0, 1).cpu())
-    return torch.cat(outs)
 
 
 def interpolation_reconstructions(model, a, b, device, steps=STEPS):
     """Decoded interpolation from features a to b: (steps, 3, H, W)."""
-    return _decode(model, interpolation(torch.as_tensor(a).float(), torch.as_tensor(b).float(), steps),
-                   lambda x: x, steps, device)
-
-
-def _seed(seed, layer, stream):
-    """One random stream per (seed, layer, use): a layer's draws do not depend on which others run."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(layer.encode()), stream]).generate_state(1)[0])
+    return inference.decode(model, interpolation(torch.as_tensor(a).float(), torch.as_tensor(b).float(), steps),
+                            steps, device)
 
 
 def _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, note, provenance, out):
@@ -218,12 +201,12 @@ def _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, not
             continue
         columns = {"original": originals}
         for layer in done:
-            columns[layer] = training.to_hwc(unperturbed[layer][rows])
+            columns[layer] = to_hwc(unperturbed[layer][rows])
             columns[f"{layer}\n{HEADINGS[name]}"] = shown[name, layer]
         files += figures.image_table(columns, row_labels, out / f"analysis_{name}", TITLES[name], note, provenance)
 
     a, b = int(rows[0]), int(rows[1 % len(rows)])
-    steps = {layer: training.to_hwc(interpolation_reconstructions(model, cache["eval"][layer][a], cache["eval"][layer][b],
+    steps = {layer: to_hwc(interpolation_reconstructions(model, cache["eval"][layer][a], cache["eval"][layer][b],
                                                        device)) for layer, (model, _) in decoders.items()}
     columns = {"image A": np.stack([images[a]] * len(layers))}
     for s in range(STEPS):
@@ -234,9 +217,9 @@ def _figures(cache, decoders, stats, unperturbed, shown, rows, device, seed, not
 
     samples = {}
     for layer, (model, _) in decoders.items():
-        generator = torch.Generator().manual_seed(_seed(seed, layer, 1))
+        generator = torch.Generator().manual_seed(runtime.derive_seed(seed, layer, 1))
         x = random_features(stats[layer].mean, stats[layer].std, RANDOM_SAMPLES, generator, stats[layer].relu)
-        samples[layer] = training.to_hwc(_decode(model, x, lambda v: v, RANDOM_SAMPLES, device))
+        samples[layer] = to_hwc(inference.decode(model, x, RANDOM_SAMPLES, device))
     columns = {f"sample {s + 1}": np.stack([samples[layer][s] for layer in layers]) for s in range(RANDOM_SAMPLES)}
     files += figures.image_table(columns, layers, out / "analysis_random_features", TITLES["random_features"], note,
                                  provenance)

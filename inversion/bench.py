@@ -1,9 +1,9 @@
 """What the cache buys, measured side by side in one process on synthetic Tiny-ImageNet-shaped data.
 
 Every figure is a ratio of two timings taken here, now, on the same machine, so it holds on a noisy
-one. The "original" approach follows the implementation the mission was written from (see
-../shared/paper/NOTES.md): AlexNet runs inside every training step and the decoder grows to
-416x416 (conv2) or 128x128 (fc) against targets upscaled from 64x64.
+one. The "original" approach follows the first public PyTorch implementation of this experiment:
+AlexNet runs inside every training step and the decoder grows to 416x416 (conv2) or 128x128 (fc)
+against targets upscaled from 64x64.
 """
 
 import json
@@ -21,9 +21,10 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import config, data, encoder, extraction, feature_cache, runtime, synthetic, training
+from . import batching, config, data, encoder, extraction, feature_cache, runtime, synthetic, training
 from .console import console
 from .decoders import LEAK, Decoder
+from .images import to_target
 
 ORIGINAL_SIZE = {"conv2": 416, "fc6": 128}
 
@@ -155,7 +156,7 @@ def _train_step(model, inputs, target, device, fused=True):
     def step():
         with torch.no_grad():
             x, y = inputs(), target()
-        with training.autocast(device):
+        with runtime.autocast(device):
             loss = F.mse_loss(model(x.float()).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,7 +166,7 @@ def _train_step(model, inputs, target, device, fused=True):
 
 def _cached_step(features, images_u8, device, fused=True):
     """Ours: features straight from the cache, 64x64 targets."""
-    return _train_step(Decoder(features.shape[1:]), lambda: features, lambda: training.to_target(images_u8),
+    return _train_step(Decoder(features.shape[1:]), lambda: features, lambda: to_target(images_u8),
                        device, fused)
 
 
@@ -173,14 +174,14 @@ def _online_step(layer, alexnet, images_u8, device, cfg):
     """Our decoder, but with AlexNet run inside the step instead of read from the cache."""
     shape = encoder.feature_shapes("alexnet", cfg["encoder.input_size"], [layer])[layer]
     return _train_step(Decoder(shape), _tap(alexnet, images_u8, layer, cfg),
-                       lambda: training.to_target(images_u8), device)
+                       lambda: to_target(images_u8), device)
 
 
 def _original_step(layer, alexnet, images_u8, device, cfg):
     """The original approach: AlexNet in the step, decoder and targets at 416 or 128 px."""
     shape = encoder.feature_shapes("alexnet", cfg["encoder.input_size"], [layer])[layer]
     size = ORIGINAL_SIZE[layer]
-    upscaled = lambda: F.interpolate(training.to_target(images_u8), size=(size, size), mode="bilinear",
+    upscaled = lambda: F.interpolate(to_target(images_u8), size=(size, size), mode="bilinear",
                                      align_corners=False)
     return _train_step(original_decoder(shape), _tap(alexnet, images_u8, layer, cfg), upscaled, device)
 
@@ -255,8 +256,8 @@ def _train_flops(features, images_u8, device):
     """Forward + backward FLOPs per sample of a cached training step (matmuls and convolutions,
     as torch's FlopCounterMode counts them; element-wise work and the optimiser are not counted)."""
     model = Decoder(features.shape[1:]).to(device)
-    with FlopCounterMode(display=False) as counter, training.autocast(device):
-        loss = F.mse_loss(model(features.float()).float(), training.to_target(images_u8))
+    with FlopCounterMode(display=False) as counter, runtime.autocast(device):
+        loss = F.mse_loss(model(features.float()).float(), to_target(images_u8))
         loss.backward()
     return counter.get_total_flops() / len(features)
 
@@ -310,11 +311,11 @@ def _step_time(step, steps, device):
 
 def _read_rate(cache, layer, batch, mode, device, min_seconds=1.0):
     """Training-input throughput: epochs of shuffled batches, moved to the device, until min_seconds."""
-    x, y = training.inputs(cache, "train", layer, mode == "memory", device)
+    x, y = batching.inputs(cache, "train", layer, mode == "memory", device)
     rng = np.random.default_rng(0)
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < min_seconds:
-        for bx, _, _ in training.batches(x, y, batch, rng, 1024, device):
+        for bx, _, _ in batching.batches(x, y, batch, rng, 1024, device):
             done += len(bx)
     _sync(device)
     return done / (time.perf_counter() - t0)

@@ -42,6 +42,7 @@ SCHEMA = {
                         "auto or an integer >= 1"),
     "device": ("auto", str, lambda v: v in ("auto", "cpu", "mps") or v.startswith("cuda"), "auto, cpu, cuda, cuda:N or mps"),
     "decoder.width": (0.5, _NUM, lambda v: 0 < v <= 4, "a number in (0, 4]"),
+    "decoder.fc_width": (4096, int, lambda v: v >= 16 and v % 16 == 0, "a multiple of 16 (the paper's 4096)"),
     "train.epochs": ("auto", (str, int), lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
                      "auto or an integer >= 0"),
     "train.batch_size": (32, int, lambda v: v >= 1, "an integer >= 1"),

@@ -2,8 +2,8 @@
 
 One rule builds a decoder for any (C, H, W) map or any vector, reconstructing a `out_size` image
 (a power of two):
-- Vectors, and maps smaller than 4x4 (flattened first): three fc layers of 4096, reshape to
-  256x4x4, then up-convolutions. The paper's fc decoders start from 4x4, so a 1x1 or 2x2 map has
+- Vectors, and maps smaller than 4x4 (flattened first): three fc layers of `fc_width` (the paper's
+  4096), reshape to (fc_width / 16)x4x4 (256x4x4), then up-convolutions. The paper's fc decoders start from 4x4, so a 1x1 or 2x2 map has
   no spatial layout worth keeping.
 - Maps of 4x4 and more: first, while the map is larger than half the output, a 3x3 stride-2
   convolution halves it (VGG's early maps are 224x224; decoding them at full size would cost more
@@ -25,7 +25,7 @@ from torch import nn
 
 OUT_SIZE = 64
 LEAK = 0.2
-FC_WIDTH = 4096
+FC_WIDTH = 4096              # the paper's; decoder.fc_width (tests build tiny fc decoders with it)
 FC_GRID = 4                  # fc decoders reshape to 256 x FC_GRID x FC_GRID
 CONV_CHANNELS = 256          # the paper's, before `width`
 UCONV_FIRST = 256            # the paper's up-convolution stack starts here and halves: 256, 128, 64, 32
@@ -34,19 +34,21 @@ UCONV_FIRST = 256            # the paper's up-convolution stack starts here and 
 class Decoder(nn.Sequential):
     """Feature tensor (B, *in_shape) -> image (B, 3, out_size, out_size)."""
 
-    def __init__(self, in_shape, width=0.5, out_size=OUT_SIZE):
+    def __init__(self, in_shape, width=0.5, out_size=OUT_SIZE, fc_width=FC_WIDTH):
         if out_size < 2 * FC_GRID or out_size & (out_size - 1):
             raise ValueError(f"out_size must be a power of two >= {2 * FC_GRID}, got {out_size}")
+        if fc_width < FC_GRID ** 2 or fc_width % FC_GRID ** 2:
+            raise ValueError(f"fc_width must be a multiple of {FC_GRID ** 2}, got {fc_width}")
         layers = []
-        if len(in_shape) == 1 or in_shape[1] * in_shape[2] < FC_GRID ** 2:
+        if uses_fc(in_shape):
             if len(in_shape) > 1:
                 layers.append(nn.Flatten())
             in_features = math.prod(in_shape)
             for _ in range(3):
-                layers += [nn.Linear(in_features, FC_WIDTH), nn.LeakyReLU(LEAK)]
-                in_features = FC_WIDTH
-            layers.append(nn.Unflatten(1, (FC_WIDTH // FC_GRID ** 2, FC_GRID, FC_GRID)))
-            channels, grid = FC_WIDTH // FC_GRID ** 2, FC_GRID
+                layers += [nn.Linear(in_features, fc_width), nn.LeakyReLU(LEAK)]
+                in_features = fc_width
+            layers.append(nn.Unflatten(1, (fc_width // FC_GRID ** 2, FC_GRID, FC_GRID)))
+            channels, grid = fc_width // FC_GRID ** 2, FC_GRID
         else:
             channels, (h, w) = in_shape[0], in_shape[1:]
             conv = _scaled(CONV_CHANNELS, width)
@@ -83,9 +85,15 @@ class Decoder(nn.Sequential):
     def _load_from_state_dict(self, state, prefix, *args):
         scale = state.pop(prefix + "input_scale", None)
         if scale is not None:  # a checkpoint from before per-channel standardisation: one scalar divisor
-            state[prefix + "input_mean"] = torch.zeros_like(self.input_mean)
-            state[prefix + "input_std"] = scale.expand_as(self.input_std).clone()
+            # built beside `scale`, not like the buffers, which are on the meta device when loading for inference
+            state[prefix + "input_mean"] = torch.zeros(self.input_mean.shape, dtype=scale.dtype, device=scale.device)
+            state[prefix + "input_std"] = scale.expand(self.input_std.shape).clone()
         super()._load_from_state_dict(state, prefix, *args)
+
+
+def uses_fc(in_shape):
+    """Whether features of this shape are decoded by fc layers (vectors, maps smaller than 4x4)."""
+    return len(in_shape) == 1 or in_shape[1] * in_shape[2] < FC_GRID ** 2
 
 
 def _scaled(channels, width):

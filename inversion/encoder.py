@@ -47,41 +47,59 @@ def hub_checkpoint(arch="alexnet"):
 
 def load(arch="alexnet", weights="auto", seed=0):
     """(frozen model in eval mode, identity dict). The identity travels with every artifact."""
-    from .console import warn
-
-    default = imagenet_weights(arch)
     if weights == "random":
         return _random(arch, seed)
     if weights in ("imagenet", "auto"):
-        try:
-            state = default.get_state_dict(progress=False)
-        except Exception as e:  # no file, no network: torchvision raises URLError, OSError, ...
-            if weights == "auto":
-                warn(f"ImageNet {_display(arch)} weights unavailable ({type(e).__name__}); using a RANDOM-INIT "
-                     f"encoder (seed {seed}). Results will NOT show what a pretrained {_display(arch)} keeps. "
-                     f"Put {hub_checkpoint(arch).name} at {hub_checkpoint(arch)} to use the real weights.")
-                return _random(arch, seed)
-            raise UserError(f"encoder.weights=imagenet: cannot load {default} ({type(e).__name__}); "
-                            f"download {default.url} to {hub_checkpoint(arch)}") from None
-        identity = {"arch": arch, "kind": "imagenet", "name": f"{type(default).__name__}.{default.name}",
-                    "sha256": _sha256(hub_checkpoint(arch)) if hub_checkpoint(arch).is_file() else None}
+        state, identity = _imagenet_state(arch, weights, seed)
+        if state is None:
+            return _random(arch, seed)
     else:
-        path = Path(weights)
-        if not path.is_file():
-            raise UserError(f"encoder.weights: no such file: {weights} (or use auto, imagenet, random)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"encoder.weights: cannot read {path} as a state_dict ({type(e).__name__})") from None
-        identity = {"arch": arch, "kind": "file", "path": str(path), "sha256": _sha256(path)}
+        state, identity = _file_state(Path(weights), arch)
     model = _build(arch)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()
-        raise UserError(f"encoder.weights: {weights} does not fit torchvision's {arch} "
-                        f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+        raise UserError(f"encoder.weights: {identity.get('path', hub_checkpoint(arch))} does not fit torchvision's "
+                        f"{arch} ({first[1].strip() if len(first) > 1 else first[0]})") from None
     return _freeze(model), identity
+
+
+def _imagenet_state(arch, weights, seed):
+    """The arch's ImageNet state_dict the standard way (the torch hub cache, else a download). `auto` falls
+    back to random weights (state None, a loud warning) only when neither is there; a file that is there
+    but cannot be read is an error naming it, never a silent fallback."""
+    from .console import warn
+
+    default, path = imagenet_weights(arch), hub_checkpoint(arch)
+    try:
+        state = default.get_state_dict(progress=False)  # torchvision reads the hub cache, else downloads
+    except Exception as e:  # noqa: BLE001
+        # no network here: torchvision raises URLError, OSError, ...; a damaged file raises others
+        if path.is_file():
+            raise UserError(f"encoder.weights={weights}: {path} cannot be read ({type(e).__name__}); "
+                            f"replace it with a good copy of {default.url}") from None
+        if weights == "imagenet":
+            raise UserError(f"encoder.weights=imagenet: cannot load {default} ({type(e).__name__}); "
+                            f"download {default.url} to {path}") from None
+        warn(f"ImageNet {_display(arch)} weights unavailable ({type(e).__name__}); using a RANDOM-INIT "
+             f"encoder (seed {seed}). Results will NOT show what a pretrained {_display(arch)} keeps. "
+             f"Put {path.name} at {path} to use the real weights.")
+        return None, None
+    return state, {"arch": arch, "kind": "imagenet", "name": f"{type(default).__name__}.{default.name}",
+                   "sha256": _sha256(path) if path.is_file() else None}
+
+
+def _file_state(path, arch):
+    """(state_dict, identity) of a weights file, or a one-line error naming it."""
+    if not path.is_file():
+        raise UserError(f"encoder.weights: no such file: {path} (or use auto, imagenet, random)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        # torch.load raises many types for a damaged or foreign file
+        raise UserError(f"encoder.weights: cannot read {path} as a state_dict ({type(e).__name__})") from None
+    return state, {"arch": arch, "kind": "file", "path": str(path), "sha256": _sha256(path)}
 
 
 def describe(identity):
@@ -125,10 +143,25 @@ def preprocess_float(x, input_size, arch="alexnet"):
     """The same pipeline from (B, 3, S, S) floats in [0, 1], differentiable: inversion by
     optimisation pushes gradients through exactly the preprocessing the cache was built with."""
     x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
-    mean, std = normalisation(arch)
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    mean, std = normalisation_tensors(arch, x.device)
     return (x - mean) / std
+
+
+def normalisation_tensors(arch, device):
+    """The arch's normalisation as (1, 3, 1, 1) tensors on `device`."""
+    mean, std = normalisation(arch)
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+@torch.inference_mode()
+def encode(taps, images, input_size, arch, device, dtype=torch.float32):
+    """uint8 images (B, S, S, 3) -> {layer: numpy features}, cast on the device before the copy.
+    On CUDA the images go through pinned memory, so the copy is asynchronous."""
+    x = torch.from_numpy(images)
+    if device.type == "cuda":
+        x = x.pin_memory()
+    x = preprocess(x.to(device, non_blocking=True), input_size, arch)
+    return {k: v.to(dtype).cpu().numpy() for k, v in taps(x).items()}
 
 
 def nodes(arch, layers):

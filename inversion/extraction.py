@@ -132,7 +132,7 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
                 # Decoded ahead, in order, while the encoder runs on the current batch.
                 batches = decoder.map([m for m, _ in part[s:s + batch_size]] for s in starts)
                 for start, images in zip(starts, batches):
-                    features = forward(taps, images, cfg["encoder.input_size"], arch, device, dtype)
+                    features = encoder.encode(taps, images, cfg["encoder.input_size"], arch, device, dtype)
                     writer.write(name, start, images, features)
                     bar.update(task, advance=len(images),
                                rate=rate_text(world * (bar.tasks[0].completed - done_before), timer.seconds, "img"))
@@ -165,17 +165,6 @@ def _meta(job, items):
     """Labels, wnids and archive paths of `items`, per split: what the cache stores beside the features."""
     return {name: ([label for _, label in part], [job.split.wnids[label] for _, label in part],
                    [job.dataset.root + member for member, _ in part]) for name, part in items.items()}
-
-
-@torch.inference_mode()
-def forward(taps, images, input_size, arch, device, dtype=torch.float32):
-    """uint8 images (B, S, S, 3) -> {layer: numpy features}, cast on the device before the copy.
-    On CUDA the images go through pinned memory, so the copy is asynchronous."""
-    x = torch.from_numpy(images)
-    if device.type == "cuda":
-        x = x.pin_memory()
-    x = encoder.preprocess(x.to(device, non_blocking=True), input_size, arch)
-    return {k: v.to(dtype).cpu().numpy() for k, v in taps(x).items()}
 
 
 def _show_size(shapes, images, image_size, dtype):

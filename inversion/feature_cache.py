@@ -342,6 +342,12 @@ class Cache:
     def load(self, split, name):
         return self.file[split][name][()]
 
+    def ordered(self, layers):
+        """`layers` in network order (the cache's): figures read left to right, shallow to deep. Layers the
+        cache lacks go last, for the caller to name."""
+        order = self.attrs["layers"]
+        return sorted(layers, key=lambda layer: order.index(layer) if layer in order else len(order))
+
     def close(self):
         self.file.close()
 

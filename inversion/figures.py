@@ -22,6 +22,20 @@ DPI = 100
 CELL, LABEL, HEADER = 1.1, 1.0, 0.75  # comparison grid: inches per image, row labels, title
 
 
+def choose_rows(labels, n, seed):
+    """n eval indices, seeded, cycling through every class (in a shuffled class order): the images a grid
+    shows, the same in every figure and every run."""
+    rng = np.random.default_rng([seed, 3])
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)}
+    order = list(rng.permutation(list(pools)))
+    chosen = []
+    while len(chosen) < min(n, len(labels)):
+        for c in order:
+            if pools[c] and len(chosen) < n:
+                chosen.append(int(pools[c].pop()))
+    return np.array(chosen)
+
+
 def loss_curves(histories, path, note, provenance=""):
     """One panel per layer (train and eval) and one plot of every layer's eval loss, log scale."""
     layers = list(histories)

@@ -29,14 +29,14 @@ settings skips finished layers.
 import json
 import math
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.table import Table
 
-from . import config, encoder, feature_cache, figures, metrics, report, runtime, storage, training
+from . import config, encoder, feature_cache, figures, inference, metrics, runtime, storage
+from .images import to_hwc, to_target
 from .console import Timer, console, progress, summary, warn
 from .errors import UserError
 
@@ -71,7 +71,7 @@ def feature_loss(taps, layer, x, phi0, input_size, arch):
 
 def objective(taps, layer, x, phi0, s, input_size, arch, shift=(0, 0)):
     """Per-image objective (B,) and its feature term; `shift` rolls x (jitter) before the encoder."""
-    mean, std = _stats(arch, x.device)
+    mean, std = encoder.normalisation_tensors(arch, x.device)
     u = (x - mean) / std
     fit = feature_loss(taps, layer, torch.roll(x, shift, (2, 3)) if any(shift) else x, phi0, input_size, arch)
     return fit + s["lambda_alpha"] * alpha_norm(u, s["alpha"]) + s["lambda_tv"] * total_variation(u, s["beta"]), fit
@@ -86,7 +86,7 @@ def invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step=Non
     """
     device = phi0.device
     generator = torch.Generator().manual_seed(seed)
-    mean, _ = _stats(arch, device)
+    mean, _ = encoder.normalisation_tensors(arch, device)
     start = mean + s["init_std"] * torch.randn(len(phi0), 3, image_size, image_size, generator=generator).to(device)
     x = start.clone().requires_grad_(True)
     if s["optimizer"] == "adam":
@@ -121,9 +121,8 @@ def run(cfg, layers=None, num_images=None, fresh=False, split="eval"):
     with Timer() as timer:
         cache = feature_cache.open_for(cfg)
         with cache:
-            order = cache.attrs["layers"]
-            chosen = sorted(layers or cfg["layers"], key=lambda l: order.index(l) if l in order else len(order))
-            result, computed = _run(cfg, cache, chosen, num_images or cfg["render.num_images"], fresh, split)
+            result, computed = _run(cfg, cache, cache.ordered(layers or cfg["layers"]),
+                                    num_images or cfg["render.num_images"], fresh, split)
     summary("optimised", computed * len(result["images"]), timer.seconds, "images",
             f"{computed} of {len(result['layers'])} layers computed, into {cfg['output.dir']}")
     return result
@@ -137,18 +136,16 @@ def _run(cfg, cache, layers, num_images, fresh, split):
         raise UserError(f"cache {cache.path} was built with {encoder.describe(identity)}, which cannot be "
                         f"loaded again here (weights missing or changed); inversion by optimisation must run "
                         f"through the encoder that built the cache")
-    # keep each checkpoint's history only: its optimizer state would double fc6's and fc8's memory
-    decoders = {layer: (decoder, {"history": ckpt["history"]})
-                for layer, (decoder, ckpt) in report.load_decoders(cfg, cache, layers).items()}
+    decoders = inference.load_decoders(cfg, cache, layers)
     device = runtime.pick_device(cfg["device"])
     model = model.to(device)
     arch, input_size = identity.get("arch", "alexnet"), cfg["encoder.input_size"]
 
     labels = cache.load(split, "labels")
-    rows = report.grid_choice(labels, num_images, cfg["seed"])
+    rows = figures.choose_rows(labels, num_images, cfg["seed"])
     all_images = cache.load(split, "images")
-    originals = training.to_target(torch.from_numpy(all_images[rows]))
-    normaliser = metrics.pair_distance(training.to_target(torch.from_numpy(all_images)), cfg["seed"])
+    originals = to_target(torch.from_numpy(all_images[rows]))
+    normaliser = metrics.pair_distance(to_target(torch.from_numpy(all_images)), cfg["seed"])
     del all_images
     s = settings(cfg)
     guard = {"cache_hash": cache.attrs["cache_hash"], "split": split, "rows": rows.tolist(), "settings": s,
@@ -179,32 +176,36 @@ def _run(cfg, cache, layers, num_images, fresh, split):
             entry.update(metrics.summarize(originals, optimised, normaliser))
             _save_images(stored, optimised)
             computed += 1
-        decoder = decoder.to(device)
         with Timer() as t:
-            decoded = training.reconstruct(decoder, features, 256, device)
+            decoded = inference.decode(decoder, features, 256, device)
+        history = checkpoint["history"]
         result["layers"][layer] = {
-            "decoder": {**metrics.summarize(originals, decoded, normaliser),
-                        "seconds_per_image": t.seconds / len(rows), "epochs": len(checkpoint["history"]),
-                        "training_seconds": sum(h["seconds"] for h in checkpoint["history"])},
+            "decoder": {**metrics.summarize(originals, decoded, normaliser), "seconds_per_image": t.seconds / len(rows),
+                        "epochs": len(history), "training_seconds": sum(h["seconds"] for h in history)},
             "optimisation": entry}
         pictures[layer] = (decoded, optimised)
         _write_json(out / RESULTS, _merged(result, previous, cache.attrs["layers"]))  # stored as each layer finishes
-    columns = {}
-    for layer, (decoded, optimised) in pictures.items():
-        columns[f"{layer} decoder"] = training.to_hwc(decoded)
-        columns[f"{layer} optim."] = training.to_hwc(optimised)
-    provenance = json.dumps({"config_hash": result["config_hash"], "cache_hash": result["cache_hash"],
-                             "versions": result["versions"]}, sort_keys=True)
-    figures.comparison_grid(training.to_hwc(originals), columns, [names[labels[i]].split(",")[0] for i in rows],
-                            out / FIGURE, result["encoder_description"], provenance,
-                            caption=f"Decoder vs optimisation ({split} images, {s['iterations']} iterations)")
+    _figure(result, originals, pictures, [names[labels[i]].split(",")[0] for i in rows], out)
     _show(result)
     return result, computed
 
 
+def _figure(result, originals, pictures, row_labels, out):
+    """Each layer's decoder and optimisation side by side, per image."""
+    columns = {}
+    for layer, (decoded, optimised) in pictures.items():
+        columns[f"{layer} decoder"] = to_hwc(decoded)
+        columns[f"{layer} optim."] = to_hwc(optimised)
+    provenance = json.dumps({"config_hash": result["config_hash"], "cache_hash": result["cache_hash"],
+                             "versions": result["versions"]}, sort_keys=True)
+    figures.comparison_grid(to_hwc(originals), columns, row_labels, out / FIGURE, result["encoder_description"],
+                            provenance, caption=f"Decoder vs optimisation ({result['split']} images, "
+                                                f"{result['settings']['iterations']} iterations)")
+
+
 def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size):
     taps = encoder.extractor(model, arch, [layer]).eval()
-    seed = int(np.random.SeedSequence([cfg["seed"], zlib.crc32(layer.encode())]).generate_state(1)[0])
+    seed = runtime.derive_seed(cfg["seed"], layer)
     with progress() as bar:
         task = bar.add_task(f"{layer}", total=s["iterations"], rate="")
         t0 = time.perf_counter()
@@ -247,11 +248,6 @@ def _previous(out, guard, fresh):
 
 def _distance(taps, layer, x, phi0, input_size, arch):
     return feature_loss(taps, layer, x, phi0, input_size, arch).sqrt().mean().item()
-
-
-def _stats(arch, device):
-    mean, std = encoder.normalisation(arch)
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 def _read_rows(dataset, rows):

@@ -9,12 +9,14 @@ not the ones the decoders learned to invert.
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import data, encoder, extraction, feature_cache, figures, report, runtime, training
+from . import data, encoder, feature_cache, figures, inference, runtime
+from .images import to_uint8
 from .console import Timer, console, progress, rate_text, summary, warn
 from .errors import UserError
 
@@ -29,64 +31,74 @@ def reconstruct(cfg, paths, layers=None):
     with Timer() as timer:
         with feature_cache.open_for(cfg) as cache:
             identity, built = cache.attrs["encoder"], cache.attrs["config"]
-            size = cache["eval"]["images"].shape[1]
             model = _same_encoder(identity, cache.path)
-            order = cache.attrs["layers"]
-            chosen = sorted(layers or cfg["layers"], key=lambda l: order.index(l) if l in order else len(order))
-            decoders = report.load_decoders(cfg, cache, chosen)
-            provenance = {"cache_hash": cache.attrs["cache_hash"], "versions": runtime.versions()}
+            device = runtime.pick_device(cfg["device"])
+            job = SimpleNamespace(
+                identity=identity, built=built, size=cache["eval"]["images"].shape[1], device=device,
+                decoders=inference.load_decoders(cfg, cache, cache.ordered(layers or cfg["layers"])),
+                dtype=getattr(torch, built["cache.dtype"]), note=encoder.describe(identity),
+                provenance={"cache_hash": cache.attrs["cache_hash"], "versions": runtime.versions()},
+                out=Path(cfg["output.dir"]) / "reconstruct")
         files, failed = collect(paths)
         inputs = len(files) + len(failed)
         if not inputs:
             raise UserError(f"no image files under {', '.join(map(str, paths))}")
-        device = runtime.pick_device(cfg["device"])
-        taps = encoder.extractor(model, identity["arch"], list(decoders)).to(device)
-        dtype = getattr(torch, built["cache.dtype"])
-        note = encoder.describe(identity)
-        out = Path(cfg["output.dir"]) / "reconstruct"
-        out.mkdir(parents=True, exist_ok=True)
-        names = _output_names(files)
-        written, sheet = [], {"original": [], **{layer: [] for layer in decoders}}
-        with progress() as bar:
-            task = bar.add_task("reconstruct", total=len(files), rate="")
-            for start in range(0, len(files), BATCH):
-                batch, images = [], []
-                for path in files[start:start + BATCH]:
-                    try:
-                        with Image.open(path) as im:
-                            images.append(data.to_square_rgb(im, size))
-                        batch.append(path)
-                    except UNREADABLE as e:
-                        warn(f"{path}: cannot read as an image ({type(e).__name__}: {e}); skipped")
-                        failed.append(path)
-                    bar.advance(task)
-                if not batch:
-                    continue
-                images = np.stack(images)
-                features = extraction.forward(taps, images, built["encoder.input_size"], identity["arch"], device, dtype)
-                recon = {layer: training.to_uint8(training.reconstruct(m, features[layer], BATCH, device))
-                         for layer, (m, _) in decoders.items()}
-                for i, path in enumerate(batch):
-                    columns = {"original": images[i:i + 1], **{layer: r[i:i + 1] for layer, r in recon.items()}}
-                    meta = json.dumps({**provenance, "source": str(path)}, sort_keys=True)
-                    written += figures.image_table(columns, [_short(path.name)], out / names[path],
-                                                   f"Reconstructions of {path.name} ({size}x{size}) from each layer",
-                                                   note, meta)
-                sheet["original"].append(images)
-                for layer, r in recon.items():
-                    sheet[layer].append(r)
-                bar.update(task, rate=rate_text(bar.tasks[0].completed, timer.seconds, "img"))
-        if written:
-            panels = {title: np.concatenate(parts) for title, parts in sheet.items()}
-            written += figures.mosaic_panels(panels, out / CONTACT_SHEET,
-                                             f"{len(panels['original'])} images and their reconstructions",
-                                             note, json.dumps(provenance, sort_keys=True))
+        job.taps = encoder.extractor(model, identity["arch"], list(job.decoders)).to(device)
+        job.out.mkdir(parents=True, exist_ok=True)
+        written = _reconstruct_all(job, files, failed, timer)
     done = inputs - len(failed)
-    summary("reconstructed", done, timer.seconds, "images", f"{len(failed)} unreadable, figures in {out}")
+    summary("reconstructed", done, timer.seconds, "images", f"{len(failed)} unreadable, figures in {job.out}")
     if failed:
         raise UserError(f"{len(failed)} of {inputs} inputs could not be read: {', '.join(str(f) for f in failed)} "
-                        f"(the others are in {out})")
+                        f"(the others are in {job.out})")
     return written
+
+
+def _reconstruct_all(job, files, failed, timer):
+    """A figure per readable picture, BATCH at a time, then the contact sheet of them all."""
+    names = _output_names(files)
+    written, sheet = [], {"original": [], **{layer: [] for layer in job.decoders}}
+    with progress() as bar:
+        task = bar.add_task("reconstruct", total=len(files), rate="")
+        for start in range(0, len(files), BATCH):
+            batch, images = _read(files[start:start + BATCH], job.size, failed)
+            bar.advance(task, len(files[start:start + BATCH]))
+            if not batch:
+                continue
+            features = encoder.encode(job.taps, images, job.built["encoder.input_size"], job.identity["arch"],
+                                      job.device, job.dtype)
+            recon = {layer: to_uint8(inference.decode(m, features[layer], BATCH, job.device))
+                     for layer, (m, _) in job.decoders.items()}
+            for i, path in enumerate(batch):
+                columns = {"original": images[i:i + 1], **{layer: r[i:i + 1] for layer, r in recon.items()}}
+                meta = json.dumps({**job.provenance, "source": str(path)}, sort_keys=True)
+                written += figures.image_table(columns, [_short(path.name)], job.out / names[path],
+                                               f"Reconstructions of {path.name} ({job.size}x{job.size}) from each "
+                                               f"layer", job.note, meta)
+            for title, part in {"original": images, **recon}.items():
+                sheet[title].append(part)
+            bar.update(task, rate=rate_text(bar.tasks[0].completed, timer.seconds, "img"))
+    if written:
+        panels = {title: np.concatenate(parts) for title, parts in sheet.items()}
+        written += figures.mosaic_panels(panels, job.out / CONTACT_SHEET,
+                                         f"{len(panels['original'])} images and their reconstructions",
+                                         job.note, json.dumps(job.provenance, sort_keys=True))
+    return written
+
+
+def _read(paths, size, failed):
+    """(readable paths, their images as one uint8 array); an unreadable one is warned about and added to
+    `failed`."""
+    batch, images = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                images.append(data.to_square_rgb(im, size))
+            batch.append(path)
+        except UNREADABLE as e:
+            warn(f"{path}: cannot read as an image ({type(e).__name__}: {e}); skipped")
+            failed.append(path)
+    return batch, np.stack(images) if images else None
 
 
 def collect(paths):

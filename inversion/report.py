@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from . import analyses, config, encoder, feature_cache, figures, metrics, runtime, storage, training
+from . import analyses, config, encoder, feature_cache, figures, inference, metrics, runtime, storage
+from .images import to_hwc, to_target, to_uint8
 from .console import Timer, console, summary, warn
 from .errors import UserError
 
@@ -16,9 +17,7 @@ def render(cfg, layers=None, num_images=None):
     with Timer() as timer:
         cache = feature_cache.open_for(cfg)
         with cache:
-            order = cache.attrs["layers"]  # network order: the figures' columns read left to right, shallow to deep
-            chosen = sorted(layers or cfg["layers"], key=lambda l: order.index(l) if l in order else len(order))
-            result = _render(cfg, cache, chosen, num_images or cfg["render.num_images"])
+            result = _render(cfg, cache, cache.ordered(layers or cfg["layers"]), num_images or cfg["render.num_images"])
     summary("rendered", len(result["files"]), timer.seconds, "files", f"into {cfg['output.dir']}")
     return result
 
@@ -28,15 +27,13 @@ def _render(cfg, cache, layers, num_images):
     out.mkdir(parents=True, exist_ok=True)
     identity = cache.attrs["encoder"]
     note = encoder.describe(identity)
-    decoders = load_decoders(cfg, cache, layers)
+    decoders = inference.load_decoders(cfg, cache, layers)
 
     device = runtime.pick_device(cfg["device"])
     images = cache.load("eval", "images")
     labels = cache.load("eval", "labels")
-    originals = training.to_target(torch.from_numpy(images))
-    recon = {}
-    for layer, (model, _) in decoders.items():
-        recon[layer] = training.reconstruct(model.to(device), cache["eval"][layer], 256, device)
+    originals = to_target(torch.from_numpy(images))
+    recon = {layer: inference.decode(model, cache["eval"][layer], 256, device) for layer, (model, _) in decoders.items()}
 
     normaliser = metrics.pair_distance(originals, cfg["seed"])
     scores = {layer: metrics.summarize(originals, r, normaliser) for layer, r in recon.items()}
@@ -45,34 +42,25 @@ def _render(cfg, cache, layers, num_images):
     for layer, value in top1.items():
         scores[layer]["top1_agreement"] = value
 
-    names = cache.attrs["class_names"]
-    rows = grid_choice(labels, num_images, cfg["seed"])
-    config_hash = config.digest(cfg)
-    provenance = json.dumps({"config_hash": config_hash, "cache_hash": cache.attrs["cache_hash"],
+    provenance = json.dumps({"config_hash": config.digest(cfg), "cache_hash": cache.attrs["cache_hash"],
                              "versions": runtime.versions()}, sort_keys=True)
-    files = figures.loss_curves({layer: ckpt["history"] for layer, (_, ckpt) in decoders.items()}, out, note,
-                                provenance)
-    files += figures.comparison_grid(images[rows], {layer: training.to_hwc(r[rows]) for layer, r in recon.items()},
-                                     [_short(names[labels[i]]) for i in rows], out / "reconstructions", note,
-                                     provenance)
-    grid = grid_choice(labels, cfg["render.grid_size"] ** 2, cfg["seed"] + 1)
-    for layer, r in recon.items():
-        files += figures.layer_grid(images[grid], training.to_hwc(r[grid]), layer, out / f"grid_{layer}", note, provenance)
+    files = _figures(cfg, cache, decoders, recon, num_images, note, provenance, out)
     table = {}
     if cfg["render.analyses"]:
         errors = {layer: values["normalized_error"] for layer, values in scores.items()}
         table, analysis_files = analyses.run(cache, decoders, originals, recon, errors, normaliser,
-                                             grid_choice(labels, analyses.FIGURE_ROWS, cfg["seed"]), device,
+                                             figures.choose_rows(labels, analyses.FIGURE_ROWS, cfg["seed"]), device,
                                              cfg["seed"], note, provenance, out)
         files += analysis_files
 
     report = {
-        "config_hash": config_hash,
+        "config_hash": config.digest(cfg),
         "cache": str(cache.path),
         "cache_hash": cache.attrs["cache_hash"],
         "encoder": identity,
         "encoder_description": note,
-        "classes": [{"label": i, "wnid": w, "name": n} for i, (w, n) in enumerate(zip(cache.attrs["class_wnids"], names))],
+        "classes": [{"label": i, "wnid": w, "name": n}
+                    for i, (w, n) in enumerate(zip(cache.attrs["class_wnids"], cache.attrs["class_names"]))],
         "eval_images": len(images),
         "normaliser_mean_pair_distance": normaliser,
         "layers": {layer: {**scores[layer], "epochs": len(ckpt["history"])} for layer, (_, ckpt) in decoders.items()},
@@ -91,30 +79,19 @@ def _render(cfg, cache, layers, num_images):
     return {"report": report, "files": files + [out / "metrics.json", out / "results.md"]}
 
 
-def load_decoders(cfg, cache, layers):
-    """{layer: (decoder, checkpoint)} for the layers that have a readable one; warns about the rest."""
-    decoders, skipped = {}, []
-    for layer in layers:
-        path = training.decoder_dir(cfg, layer) / "last.pt"
-        if layer not in cache.attrs["layers"]:
-            skipped.append(f"{layer}: not in cache {cache.path}; skipped")
-        elif not path.exists():
-            skipped.append(f"{layer}: no checkpoint at {path}; skipped (run train_decoders.py --layers {layer})")
-        else:
-            try:
-                decoders[layer] = training.load_decoder(path)
-            except training.DamagedCheckpoint as e:
-                skipped.append(f"{layer}: {e}; skipped (re-run train_decoders.py --layers {layer} to replace it)")
-    for message in skipped:
-        warn(message)
-    if not decoders:
-        raise UserError(f"no decoder checkpoints under {training.decoder_dir(cfg)} for {', '.join(layers)}; "
-                        f"run `python train_decoders.py` with the same --config/--set options first")
-    stale = [layer for layer, (_, ckpt) in decoders.items() if ckpt["cache_hash"] != cache.attrs["cache_hash"]]
-    if stale:
-        raise UserError(f"checkpoints for {', '.join(stale)} were trained on another cache than {cache.path}; "
-                        f"re-run `python train_decoders.py --fresh`")
-    return decoders
+def _figures(cfg, cache, decoders, recon, num_images, note, provenance, out):
+    """Loss curves, the comparison grid and a grid per layer; returns the files written."""
+    images, labels, names = cache.load("eval", "images"), cache.load("eval", "labels"), cache.attrs["class_names"]
+    rows = figures.choose_rows(labels, num_images, cfg["seed"])
+    files = figures.loss_curves({layer: ckpt["history"] for layer, (_, ckpt) in decoders.items()}, out, note,
+                                provenance)
+    files += figures.comparison_grid(images[rows], {layer: to_hwc(r[rows]) for layer, r in recon.items()},
+                                     [_short(names[labels[i]]) for i in rows], out / "reconstructions", note,
+                                     provenance)
+    grid = figures.choose_rows(labels, cfg["render.grid_size"] ** 2, cfg["seed"] + 1)
+    for layer, r in recon.items():
+        files += figures.layer_grid(images[grid], to_hwc(r[grid]), layer, out / f"grid_{layer}", note, provenance)
+    return files
 
 
 def _baselines(cache, originals, labels, normaliser, chunk=2048):
@@ -127,8 +104,8 @@ def _baselines(cache, originals, labels, normaliser, chunk=2048):
         for c in np.unique(block_labels):
             sums[c] += block[block_labels == c].sum(0, dtype=np.float64)
     counts = np.bincount(train_labels, minlength=classes)
-    class_mean = training.to_target(torch.from_numpy(sums / np.maximum(counts, 1)[:, None, None, None]))
-    overall = training.to_target(torch.from_numpy(sums.sum(0, keepdims=True) / counts.sum()))
+    class_mean = to_target(torch.from_numpy(sums / np.maximum(counts, 1)[:, None, None, None]))
+    overall = to_target(torch.from_numpy(sums.sum(0, keepdims=True) / counts.sum()))
     return {
         "mean_train_image": metrics.summarize(originals, overall.expand_as(originals), normaliser),
         "class_mean_train_image": metrics.summarize(originals, class_mean[torch.from_numpy(labels)], normaliser),
@@ -153,7 +130,7 @@ def _top1(cfg, identity, images, recon, device, batch=128):
                 for s in range(0, len(uint8_images), batch)])
 
     reference = classes(images)
-    return {layer: (classes(training.to_uint8(r)) == reference).float().mean().item() for layer, r in recon.items()}
+    return {layer: (classes(to_uint8(r)) == reference).float().mean().item() for layer, r in recon.items()}
 
 
 def _top1_reason(cfg, identity):
@@ -162,19 +139,6 @@ def _top1_reason(cfg, identity):
     if cfg["render.top1"] == "auto" and not encoder.is_pretrained(identity):
         return "random-init encoder: its classes mean nothing (set render.top1=true to compute anyway)"
     return ""
-
-
-def grid_choice(labels, n, seed):
-    """n eval indices, seeded, cycling through every class (in a shuffled class order)."""
-    rng = np.random.default_rng([seed, 3])
-    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)}
-    order = list(rng.permutation(list(pools)))
-    chosen = []
-    while len(chosen) < min(n, len(labels)):
-        for c in order:
-            if pools[c] and len(chosen) < n:
-                chosen.append(int(pools[c].pop()))
-    return np.array(chosen)
 
 
 def _short(name):

@@ -2,7 +2,9 @@
 
 import os
 import platform
+import zlib
 from importlib import metadata
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -42,3 +44,30 @@ def describe_device(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (tensor cores); full fp32 elsewhere, where bf16 has no fast kernels."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def derive_seed(seed, name, *stream):
+    """One random stream per (seed, name, *stream), e.g. (seed, layer, epoch): what one layer draws does
+    not depend on which other layers run, so training one layer alone equals training it with others."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode()), *stream]).generate_state(1)[0])
+
+
+def available_ram():
+    """Linux's MemAvailable (free plus reclaimable page cache). MemFree shrinks as the page cache fills,
+    so on a busy machine a split that fits would be streamed instead of loaded, which changes the batch
+    order and so the training history."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30

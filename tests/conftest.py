@@ -1,6 +1,5 @@
 """Shared fixtures: a small Tiny-ImageNet-shaped zip and a cache built from it by the real code."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ def make_cfg(tmp, data_path, *overrides):
     base = [f"data.path={data_path}", f"cache.dir={tmp}/cache", f"output.dir={tmp}/out",
             "encoder.weights=random", "split.num_classes=3", "split.eval_per_class=2",
             "split.train_per_class=6", "train.batch_size=4", "train.epochs=2", "device=cpu",
-            "extract.batch_size=5", "render.num_images=4", "render.grid_size=2"]
+            "extract.batch_size=5", "render.num_images=4", "render.grid_size=2", "decoder.fc_width=64"]
     path = tmp / "config.yaml"
     if not path.exists():
         path.write_text("{}\n")
@@ -45,7 +44,7 @@ def built(tmp_path_factory, tiny_zip):
 
 @pytest.fixture(scope="session")
 def trained_once(built, tmp_path_factory):
-    """conv5 and fc8 decoders trained one epoch on the built cache, once per session."""
+    """conv5 and fc8 decoders trained one epoch on the built cache, once for the whole suite."""
     cfg, _ = built
     cfg = dict(cfg, **{"output.dir": str(tmp_path_factory.mktemp("trained")), "train.epochs": 1})
     training.train(cfg, ["conv5", "fc8"])
@@ -54,7 +53,8 @@ def trained_once(built, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(trained_once, tmp_path_factory):
-    """A private output.dir per test module, holding a copy of the session's decoders."""
+    """A private output.dir per test module whose `decoders` is a link to the session's: read, never
+    written (a test that damages a checkpoint copies the folder first)."""
     out = tmp_path_factory.mktemp("out")
-    shutil.copytree(Path(trained_once["output.dir"]) / "decoders", out / "decoders")
+    (out / "decoders").symlink_to(Path(trained_once["output.dir"]) / "decoders", target_is_directory=True)
     return dict(trained_once, **{"output.dir": str(out)})

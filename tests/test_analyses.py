@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inversion import analyses, feature_cache, figures, report, training
+from inversion import analyses, checkpoints, feature_cache, figures, inference, report
 
 
 def test_top5_on_a_hand_made_vector():
@@ -98,9 +98,9 @@ def test_render_writes_the_analyses_without_the_dataset(trained, tmp_path):
 def test_interpolation_endpoints_are_the_images_own_reconstructions(trained):
     with feature_cache.open_for(trained) as cache:
         for layer in ("conv5", "fc8"):
-            model, _ = training.load_decoder(training.decoder_dir(trained, layer) / "last.pt")
+            model, _ = checkpoints.load_decoder(checkpoints.folder(trained, layer) / "best.pt")
             features = cache["eval"][layer]
-            own = training.reconstruct(model, features[[1, 4]], 2, torch.device("cpu"))
+            own = inference.decode(model, features[[1, 4]], 2, torch.device("cpu"))
             steps = analyses.interpolation_reconstructions(model, features[1], features[4], torch.device("cpu"))
             assert steps.shape[0] == analyses.STEPS
             assert torch.allclose(steps[0], own[0], atol=1e-5) and torch.allclose(steps[-1], own[1], atol=1e-5)
@@ -118,7 +118,7 @@ def test_analyses_take_any_layer_set(trained, tmp_path):
 
 def test_analyses_can_be_switched_off(trained, tmp_path):
     cfg = dict(trained, **{"render.analyses": False, "output.dir": str(tmp_path)})
-    (tmp_path / "decoders").symlink_to(training.decoder_dir(trained))
+    (tmp_path / "decoders").symlink_to(checkpoints.folder(trained))
     result = report.render(cfg, ["conv5"])
     assert result["report"]["analyses"] == "skipped: render.analyses is false"
     assert not list(tmp_path.glob("analysis_*")) and "What each layer keeps" not in (tmp_path / "results.md").read_text()

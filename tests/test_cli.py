@@ -30,7 +30,8 @@ def one_line_error(result, fragment):
 def cfg_file(tmp_path, tiny_zip):
     path = tmp_path / "config.yaml"
     path.write_text(f"data: {{path: {tiny_zip}}}\ncache: {{dir: {tmp_path}/cache}}\noutput: {{dir: {tmp_path}/out}}\n"
-                    f"encoder: {{weights: random}}\nsplit: {{num_classes: 2, eval_per_class: 1, train_per_class: 2}}\n")
+                    f"encoder: {{weights: random}}\nsplit: {{num_classes: 2, eval_per_class: 1, train_per_class: 2}}\n"
+                    f"decoder: {{fc_width: 64}}\n")
     return str(path)
 
 
@@ -128,7 +129,7 @@ def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
     """The three commands on a zip of odd-sized images without val/: 128 px cache, decoders, figures."""
     from PIL import Image
 
-    from inversion import figures, synthetic, training
+    from inversion import checkpoints, figures, synthetic
 
     folders = synthetic.write_imagefolder(tmp_path / "folders.zip", classes=3, train_per_class=6)
     args = ["--set", f"data.path={folders}", "--set", "data.format=auto", "--set", "data.image_size=128",
@@ -145,7 +146,7 @@ def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
         assert not set(f["train/paths"][()]) & set(f["eval/paths"][()])
     result = invoke("train_decoders", *args)
     assert result.exit_code == 0, result.output
-    model, checkpoint = training.load_decoder(tmp_path / "out/decoders/conv2/last.pt")
+    model, checkpoint = checkpoints.load_decoder(tmp_path / "out/decoders/conv2/best.pt")
     assert checkpoint["decoder"]["out_size"] == 128
     assert model(torch.zeros(1, 192, 13, 13)).shape == (1, 3, 128, 128)
     result = invoke("render", *args)

@@ -12,15 +12,16 @@ ODD_SHAPES = {"1x1 map": (2048, 1, 1), "2x2 map": (512, 2, 2), "224x224 map": (6
                          ids=list(SHAPES) + list(ODD_SHAPES))
 @pytest.mark.parametrize("width", [0.5, 0.25])
 def test_each_decoder_maps_its_features_to_64px_rgb(shape, width):
-    model = decoders.Decoder(shape, width)
+    model = decoders.Decoder(shape, width, fc_width=64)  # tiny fc layers: the rule is the same
     out = model(torch.randn(2, *shape))
     assert out.shape == (2, 3, 64, 64)
     rows = decoders.describe(model)
     assert sum(r[-1] for r in rows) == sum(p.numel() for p in model.parameters())
     assert rows[0][3:5] == (shape[0], "x".join(map(str, shape[1:])) or "1")
     assert rows[-1][0] == "uconv" and rows[-1][3:5] == (3, "64x64")  # linear output layer
-    assert all(r[0].endswith("+ lrelu") for r in rows if r[0] in ("conv + lrelu", "fc + lrelu"))
-    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in model) == sum("lrelu" in r[0] for r in rows)
+    learned = [r[0] for r in rows[1:-1] if r[0].split()[0] in ("fc", "conv", "uconv")]
+    assert learned and all(name.endswith(" + lrelu") for name in learned)  # every learned layer but the last
+    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in model) == len(learned)
 
 
 def test_width_halves_conv_channels_but_not_fc():
@@ -28,14 +29,21 @@ def test_width_halves_conv_channels_but_not_fc():
     full = decoders.describe(decoders.Decoder(SHAPES["conv2"], 1.0))
     assert [r[3] for r in half if r[0].startswith("conv")] == [128] * 3
     assert [r[3] for r in full if r[0].startswith("conv")] == [256] * 3
-    fc = decoders.describe(decoders.Decoder(SHAPES["fc8"], 0.5))
-    assert [r[3] for r in fc if r[0].startswith("fc")] == [4096] * 3
+    fc = decoders.describe(decoders.Decoder(SHAPES["fc8"], 0.5, fc_width=256))
+    assert [r[3] for r in fc if r[0].startswith("fc")] == [256] * 3
     assert [r[3] for r in fc if r[0].startswith("uconv")] == [128, 64, 32, 3]
+
+
+def test_fc_width_sets_the_fc_layers_and_the_reshaped_grid():
+    rows = decoders.describe(decoders.Decoder((10,), fc_width=32))
+    assert [(r[0], r[3], r[4]) for r in rows[1:5]] == [("fc + lrelu", 32, "1")] * 3 + [("reshape", 2, "4x4")]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        decoders.Decoder((10,), fc_width=40)
 
 
 @pytest.mark.parametrize("layer", ["conv5", "fc8"])
 def test_features_are_standardised_per_channel(layer):
-    model = decoders.Decoder(SHAPES[layer])
+    model = decoders.Decoder(SHAPES[layer], fc_width=64)
     x = torch.randn(2, *SHAPES[layer])
     reference = model(x)
     stats = model.input_mean.shape
@@ -59,10 +67,12 @@ def test_a_checkpoint_with_one_scalar_input_scale_loads_as_that_divisor():
     assert "input_scale" not in old.state_dict()
 
 
-def test_the_mission_decoders_are_unchanged():
-    """The four decoders of the landed pipeline, by parameter count and layer list."""
-    params = {layer: sum(p.numel() for p in decoders.Decoder(SHAPES[layer]).parameters())
-              for layer in config.LAYERS}
+def test_the_default_decoders_are_unchanged():
+    """The four default decoders at the paper's fc width, by parameter count (built on the meta device:
+    no memory) and layer list."""
+    with torch.device("meta"):
+        params = {layer: sum(p.numel() for p in decoders.Decoder(SHAPES[layer]).parameters())
+                  for layer in config.LAYERS}
     assert params == {"conv2": 935_811, "conv5": 1_209_603, "fc6": 51_421_763, "fc8": 38_740_547}
     kinds = [r[0] for r in decoders.describe(decoders.Decoder(SHAPES["conv2"]))]
     assert kinds == ["input", *["conv + lrelu"] * 3, "resize", "uconv + lrelu", "uconv"]
@@ -73,7 +83,7 @@ def test_the_rule_for_large_small_and_flat_maps():
     assert [(r[2], r[4]) for r in big if r[0].startswith("conv")][:3] == [(2, "112x112"), (2, "56x56"), (2, "28x28")]
     assert [r[4] for r in big if r[0] == "resize"] == ["32x32"]
     for shape in ((2048, 1, 1), (512, 2, 2)):
-        kinds = [r[0] for r in decoders.describe(decoders.Decoder(shape))]
+        kinds = [r[0] for r in decoders.describe(decoders.Decoder(shape, fc_width=64))]
         assert kinds[1:5] == ["flatten", "fc + lrelu", "fc + lrelu", "fc + lrelu"]
     no_resize = [r[0] for r in decoders.describe(decoders.Decoder((64, 16, 16)))]
     assert "resize" not in no_resize and no_resize.count("uconv + lrelu") == 1
@@ -81,7 +91,7 @@ def test_the_rule_for_large_small_and_flat_maps():
 
 @pytest.mark.parametrize("out_size, uconvs", [(32, 3), (128, 5), (256, 6)])
 def test_larger_outputs_add_up_convolutions(out_size, uconvs):
-    model = decoders.Decoder(SHAPES["fc6"], out_size=out_size)
+    model = decoders.Decoder(SHAPES["fc6"], out_size=out_size, fc_width=64)
     assert model(torch.randn(1, 4096)).shape == (1, 3, out_size, out_size)
     assert sum(r[0].startswith("uconv") for r in decoders.describe(model)) == uconvs
     with pytest.raises(ValueError, match="power of two"):
@@ -89,7 +99,7 @@ def test_larger_outputs_add_up_convolutions(out_size, uconvs):
 @pytest.mark.parametrize("out_size", [32, 128, 256])
 @pytest.mark.parametrize("layer", ["conv2", "fc8"])
 def test_any_power_of_two_output_adds_or_drops_up_convolutions(layer, out_size):
-    model = decoders.Decoder(SHAPES[layer], 0.5, out_size=out_size)
+    model = decoders.Decoder(SHAPES[layer], 0.5, out_size=out_size, fc_width=64)
     assert model(torch.randn(1, *SHAPES[layer])).shape == (1, 3, out_size, out_size)
     grid = 16 if layer == "conv2" else 4
     uconvs = [r for r in decoders.describe(model) if r[0].startswith("uconv")]
@@ -97,7 +107,7 @@ def test_any_power_of_two_output_adds_or_drops_up_convolutions(layer, out_size):
 
 
 def test_the_up_convolution_stack_keeps_halving_past_the_papers_four():
-    rows = decoders.describe(decoders.Decoder(SHAPES["fc8"], 0.5, out_size=256))  # 4 -> 256: 6 steps
+    rows = decoders.describe(decoders.Decoder(SHAPES["fc8"], 0.5, out_size=256, fc_width=64))  # 4 -> 256
     assert [r[3] for r in rows if r[0].startswith("uconv")] == [128, 64, 32, 16, 8, 3]
     assert decoders.describe(decoders.Decoder(SHAPES["conv2"], 1.0, out_size=128))[-3][3] == 256
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import make_cfg
-from inversion import distributed, extraction, feature_cache, training
+from inversion import checkpoints, distributed, extraction, feature_cache, training
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,9 +97,9 @@ def test_two_process_training_matches_one_process(built, tmp_path):
     # computes) moves this tiny run's fc8 eval loss by 2.9e-4 relative too: Adam's first steps
     # amplify the reduction order. conv5 stays within the 1e-4 the two-process run promises.
     for layer, tolerance in (("conv5", 1e-4), ("fc8", 1e-3)):
-        history = training.read_history(tmp_path / "two" / "decoders" / layer / "history.jsonl")
+        history = checkpoints.read_history(tmp_path / "two" / "decoders" / layer / "history.jsonl")
         assert len(history) == 1 and history[0]["samples"] == single[layer][0]["samples"]  # written once
         assert history[0]["eval_loss"] == pytest.approx(single[layer][0]["eval_loss"], rel=tolerance)
         assert history[0]["train_loss"] == pytest.approx(single[layer][0]["train_loss"], rel=tolerance)
         assert sorted(p.name for p in (tmp_path / "two" / "decoders" / layer).iterdir()) == [
-            "best.pt", "history.jsonl", "last.pt"]
+            "best.pt", "history.jsonl", "last.pt", "optimizer.pt"]

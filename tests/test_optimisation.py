@@ -76,12 +76,8 @@ def test_an_encoder_that_cannot_be_had_again_is_refused(tiny_zip, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(built, tmp_path_factory):
-    cfg, _ = built
-    cfg = dict(cfg, **{"output.dir": str(tmp_path_factory.mktemp("optim")), "train.epochs": 1,
-                       "optimisation.iterations": 3})
-    training.train(cfg, ["conv5", "fc8"])
-    return cfg
+def trained(trained):
+    return dict(trained, **{"optimisation.iterations": 3})
 
 
 def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained, monkeypatch, capsys):
@@ -99,7 +95,7 @@ def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained
     saved = json.loads((out / "optimisation.json").read_text())
     assert saved["layers"]["conv5"]["optimisation"] == first["layers"]["conv5"]["optimisation"]
     with feature_cache.open_for(cfg) as cache:  # render.py's first grid rows
-        rows = report.grid_choice(cache.load("eval", "labels"), cfg["render.num_images"], cfg["seed"])[:2]
+        rows = figures.choose_rows(cache.load("eval", "labels"), cfg["render.num_images"], cfg["seed"])[:2]
     assert [i["index"] for i in saved["images"]] == rows.tolist() and saved["cache_hash"] == result["cache_hash"]
     assert saved["encoder"] == {"arch": "alexnet", "kind": "random", "seed": 0}
     assert saved["settings"]["iterations"] == 3 and saved["settings"]["alpha"] == 6

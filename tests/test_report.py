@@ -46,8 +46,8 @@ def test_render_from_cache_and_checkpoints_alone(trained, tmp_path, capsys):
 
 def test_same_image_choice_every_run():
     labels = np.repeat(np.arange(5), 4)
-    a = report.grid_choice(labels, 7, seed=0)
-    assert list(a) == list(report.grid_choice(labels, 7, seed=0))
+    a = figures.choose_rows(labels, 7, seed=0)
+    assert list(a) == list(figures.choose_rows(labels, 7, seed=0))
     assert len(set(a)) == 7 and set(labels[a[:5]]) == set(range(5))  # every class before any repeats
 
 
@@ -71,13 +71,13 @@ def test_mosaic_tiles_images():
 
 def test_a_damaged_checkpoint_is_skipped_with_a_warning(trained, tmp_path, capsys):
     shutil.copytree(Path(trained["output.dir"]) / "decoders", tmp_path / "decoders")
-    last = tmp_path / "decoders/fc8/last.pt"
-    last.write_bytes(last.read_bytes()[:1000])  # cut short
+    best = tmp_path / "decoders/fc8/best.pt"
+    best.write_bytes(best.read_bytes()[:1000])  # cut short
     capsys.readouterr()
     result = report.render(dict(trained, **{"output.dir": str(tmp_path)}))
     warning = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING: fc8"))
-    assert f"{last} is damaged" in warning and "--layers fc8" in warning
-    assert set(result["report"]["layers"]) == {"conv5"} and last.stat().st_size == 1000
+    assert f"{best} is damaged" in warning and "--layers fc8" in warning
+    assert set(result["report"]["layers"]) == {"conv5"} and best.stat().st_size == 1000
 
 
 def test_comparison_grid_caption(monkeypatch, tmp_path):

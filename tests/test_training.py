@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from inversion import feature_cache, training
+from inversion import batching, checkpoints, feature_cache, runtime, training
 from inversion.errors import UserError
 
 
@@ -30,9 +32,9 @@ def test_training_lowers_the_eval_loss_and_writes_artifacts(built, tmp_path):
     history = train(cfg)
     assert len(history) == 6 and history[-1]["eval_loss"] < 0.7 * history[0]["eval_loss"]
     folder = tmp_path / "decoders" / "conv5"
-    assert {p.name for p in folder.iterdir()} == {"last.pt", "best.pt", "history.jsonl"}
-    assert training.read_history(folder / "history.jsonl") == history
-    model, checkpoint = training.load_decoder(folder / "last.pt")
+    assert {p.name for p in folder.iterdir()} == {"last.pt", "best.pt", "optimizer.pt", "history.jsonl"}
+    assert checkpoints.read_history(folder / "history.jsonl") == history
+    model, checkpoint = checkpoints.load_decoder(folder / "best.pt")
     assert checkpoint["cache_hash"] and checkpoint["decoder"]["layer"] == "conv5" and checkpoint["versions"]
     with h5py.File(built[1], "r") as f:  # the tiny split is under 2,048 samples: the statistics use them all
         features = torch.from_numpy(f["train/conv5"][()]).float()
@@ -135,7 +137,7 @@ def test_checkpoints_from_before_image_size_load_as_64_pixel_decoders(built, tmp
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["decoder"].pop("out_size") == 64
     torch.save(checkpoint, tmp_path / "old.pt")
-    model, _ = training.load_decoder(tmp_path / "old.pt")
+    model, _ = checkpoints.load_decoder(tmp_path / "old.pt")
     assert model(torch.zeros(1, 256, 6, 6)).shape == (1, 3, 64, 64)
 
 
@@ -148,19 +150,20 @@ def test_damaged_last_pt_resumes_from_best_pt_or_asks_for_fresh(built, tmp_path,
     cfg = cfg_in(built, tmp_path / "cut", **{"train.epochs": 1})
     train(cfg)
     folder = tmp_path / "cut/decoders/conv5"
+    shutil.copyfile(folder / "best.pt", folder / "copy")  # two files, as a copied folder holds them
+    (folder / "copy").replace(folder / "best.pt")
     truncate(folder / "last.pt")
     damaged = (folder / "last.pt").read_bytes()
-    with pytest.raises(training.DamagedCheckpoint, match=r"last\.pt is damaged"):
-        training.load_decoder(folder / "last.pt")
+    with pytest.raises(checkpoints.DamagedCheckpoint, match=r"last\.pt is damaged"):
+        checkpoints.load_decoder(folder / "last.pt")
     capsys.readouterr()
     resumed = train(dict(cfg, **{"train.epochs": 2}))  # best.pt (epoch 1) is intact: resume from it
     err = capsys.readouterr().err
     assert f"{folder / 'last.pt'} is damaged" in err and "resuming from" in err and "best.pt (epoch 1)" in err
-    assert losses(resumed) == losses(straight)
+    assert losses(resumed) == losses(straight)  # optimizer.pt is epoch 1's too: exactly the same run
     assert (folder / "last.pt.damaged").read_bytes() == damaged  # set aside, not overwritten
 
-    truncate(folder / "last.pt")
-    truncate(folder / "best.pt")
+    truncate(folder / "last.pt")  # now the same file as best.pt (epoch 2 is the best): both are cut
     with pytest.raises(UserError) as raised:
         train(dict(cfg, **{"train.epochs": 3}))
     message = str(raised.value)
@@ -169,12 +172,61 @@ def test_damaged_last_pt_resumes_from_best_pt_or_asks_for_fresh(built, tmp_path,
     assert len(train(dict(cfg, **{"train.epochs": 1}), fresh=True)) == 1
 
 
+def test_best_pt_is_last_pt_when_the_last_epoch_is_best_and_holds_no_optimiser_state(built, tmp_path, monkeypatch):
+    losses_by_epoch = iter([0.5, 0.4, 0.9])  # epochs 1 and 2 improve, epoch 3 does not
+    monkeypatch.setattr(training, "evaluate", lambda *args: next(losses_by_epoch))
+    cfg = cfg_in(built, tmp_path, **{"train.epochs": 2})
+    train(cfg)
+    folder = tmp_path / "decoders/conv5"
+    assert os.path.samefile(folder / "best.pt", folder / "last.pt")  # the weights are on disk once
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert "optimizer" not in best and len(best["history"]) == 2
+    assert torch.load(folder / "optimizer.pt", weights_only=True)["epoch"] == 2
+    train(dict(cfg, **{"train.epochs": 3}))
+    assert not os.path.samefile(folder / "best.pt", folder / "last.pt")
+    assert len(torch.load(folder / "best.pt", weights_only=True)["history"]) == 2  # epoch 2 stays the best
+    assert len(torch.load(folder / "last.pt", weights_only=True)["history"]) == 3
+
+
+def test_a_missing_optimizer_state_resumes_the_weights_and_says_so(built, tmp_path, capsys):
+    cfg = cfg_in(built, tmp_path, **{"train.epochs": 1})
+    train(cfg)
+    (tmp_path / "decoders/conv5/optimizer.pt").unlink()
+    capsys.readouterr()
+    history = train(dict(cfg, **{"train.epochs": 2}))
+    assert len(history) == 2 and "resuming the weights with a fresh optimiser state" in capsys.readouterr().err
+
+
+def as_previous_format(folder):
+    """Rewrite a decoder folder as the code before optimizer.pt wrote it: `last.pt` and `best.pt` two full
+    files, each with Adam's state inside, and a decoder spec without fc_width (which then means 4096)."""
+    checkpoint = torch.load(folder / "last.pt", weights_only=True)
+    checkpoint["optimizer"] = torch.load(folder / "optimizer.pt", weights_only=True)["optimizer"]
+    checkpoint["decoder"].pop("fc_width", None)
+    for name in ("last.pt", "best.pt"):
+        (folder / name).unlink()
+        torch.save(checkpoint, folder / name)
+    (folder / "optimizer.pt").unlink()
+
+
+def test_checkpoints_in_the_previous_format_resume_and_render(built, tmp_path):
+    from inversion import report
+
+    straight = train(cfg_in(built, tmp_path / "straight"))
+    cfg = cfg_in(built, tmp_path / "old", **{"train.epochs": 1})
+    train(cfg)
+    as_previous_format(tmp_path / "old/decoders/conv5")
+    result = report.render(cfg, ["conv5"])
+    assert set(result["report"]["layers"]) == {"conv5"}
+    assert losses(train(dict(cfg, **{"train.epochs": 2}))) == losses(straight)
+
+
 def test_a_second_training_of_the_same_decoder_refuses_naming_the_first(built, tmp_path):
     cfg = cfg_in(built, tmp_path, **{"train.epochs": 1})
     lock = tmp_path / "decoders/conv5/train.lock"
-    code = ("import sys, json, time; from inversion import training; real = training._train_epoch\n"
+    code = ("import sys, json, time; from inversion import training; real = training.train_one_epoch\n"
             "def slow(*a):\n    print('training', flush=True); time.sleep(60); return real(*a)\n"
-            "training._train_epoch = slow; training.train(json.loads(sys.argv[1]), ['conv5'])")
+            "training.train_one_epoch = slow; training.train(json.loads(sys.argv[1]), ['conv5'])")
     first = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], stdout=subprocess.PIPE, text=True,
                              stderr=subprocess.DEVNULL)
     try:
@@ -198,24 +250,38 @@ def test_auto_epochs_follow_the_device_and_are_printed(built, tmp_path, capsys):
     assert len(history) == 3 and "3 epochs (train.epochs: auto on cpu)" in capsys.readouterr().err
 
 
+def lrs_of(cfg, total, steps, done=0):
+    """The learning rate of each of `steps` optimiser steps of a `total`-step schedule, from step `done`."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg["train.lr"])
+    schedule = training.lr_schedule(optimizer, cfg, total, done)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
 def test_lr_warms_up_linearly_then_holds_or_decays_to_zero_on_a_cosine():
     cfg = {"train.lr": 1.0, "train.warmup": 0.2, "train.schedule": "cosine"}
-    lrs = [training._lr(cfg, step, 10) for step in range(10)]
+    lrs = lrs_of(cfg, 10, 13)
     assert lrs[:3] == [0.5, 1.0, 1.0]  # two warm-up steps, then the cosine starts at the peak
     assert lrs[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
-    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
-    assert training._lr(cfg, 12, 10) == lrs[9]  # a streamed epoch's extra step
-    held = [training._lr(dict(cfg, **{"train.schedule": "none"}), step, 10) for step in range(10)]
+    assert all(a > b for a, b in zip(lrs[2:10], lrs[3:10]))
+    assert lrs[10:] == [lrs[9]] * 3  # a streamed epoch's extra steps keep the last rate
+    assert lrs_of(cfg, 10, 6, done=4) == pytest.approx(lrs[4:10])  # a resumed run replays its steps
+    held = lrs_of(dict(cfg, **{"train.schedule": "none"}), 10, 10)
     assert held == [0.5] + [1.0] * 9
+    assert lrs_of(dict(cfg, **{"train.schedule": "none", "train.warmup": 0.0}), 10, 10) == [1.0] * 10
 
 
 def test_holdout_evaluates_on_seeded_train_images_the_same_for_every_layer(built, tmp_path, capsys):
     x = np.arange(20)[:, None].repeat(3, axis=1)
-    (kx, ky), (hx, hy) = training.hold_out(x, x[:, 0], 0.25, seed=0)
+    (kx, ky), (hx, hy) = batching.hold_out(x, x[:, 0], 0.25, seed=0)
     assert len(hx) == 5 and len(kx) == 15 and not set(hx[:, 0]) & set(kx[:, 0]) and (hy == hx[:, 0]).all()
-    (_, _), (again, _) = training.hold_out(x * 2, x[:, 0], 0.25, seed=0)
+    (_, _), (again, _) = batching.hold_out(x * 2, x[:, 0], 0.25, seed=0)
     assert (again == 2 * hx).all()  # the same rows, whatever the layer's features
-    (_, _), (other, _) = training.hold_out(x, x[:, 0], 0.25, seed=1)
+    (_, _), (other, _) = batching.hold_out(x, x[:, 0], 0.25, seed=1)
     assert (other != hx).any()
     cfg = cfg_in(built, tmp_path, **{"train.epochs": 1, "train.holdout": 0.25})
     history = train(cfg)
@@ -231,10 +297,10 @@ def test_in_memory_auto_follows_memavailable_not_memfree(built, tmp_path, monkey
     """A full page cache shrinks MemFree but not MemAvailable; when auto followed MemFree, one of two
     default runs streamed conv2 (another batch order) and the histories differed."""
     meminfo = dict(line.split(":") for line in open("/proc/meminfo").read().splitlines())
-    assert training._available_ram() == int(meminfo["MemAvailable"].split()[0]) * 1024
+    assert runtime.available_ram() == int(meminfo["MemAvailable"].split()[0]) * 1024
     with feature_cache.open_for(built[0], ["conv5"]) as cache:
         nbytes = cache["train"]["conv5"].nbytes + cache["train"]["images"].nbytes
         for ram, streamed in ((2 * nbytes - 1, True), (2 * nbytes + 1, False)):
-            monkeypatch.setattr(training, "_available_ram", lambda: ram)
-            x, _ = training.inputs(cache, "train", "conv5", "auto", torch.device("cpu"))
+            monkeypatch.setattr(runtime, "available_ram", lambda: ram)
+            x, _ = batching.inputs(cache, "train", "conv5", "auto", torch.device("cpu"))
             assert isinstance(x, h5py.Dataset) == streamed
