@@ -25,7 +25,7 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
 
 
 def print_tables(cfg, layers):
-    """The architecture tables, read off the modules themselves (the README quotes this output)."""
+    """The architecture tables, read off the modules themselves (docs/decoders-and-training.md quotes this output)."""
     shapes = encoder.feature_shapes(cfg["encoder.arch"], cfg["encoder.input_size"], layers)
     for layer in layers:
         model = decoders.Decoder(shapes[layer], cfg["decoder.width"], out_size=cfg["data.image_size"],

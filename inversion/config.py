@@ -13,10 +13,10 @@ import yaml
 from .errors import UserError
 
 # AlexNet's eight layers and their torchvision graph nodes: after the ReLU, and after the
-# max-pool where one follows (fc8 = the logits). The README's table is this one.
+# max-pool where one follows (fc8 = the logits). docs/configuration.md has this table.
 ALEXNET_NODES = {"conv1": "features.2", "conv2": "features.5", "conv3": "features.7", "conv4": "features.9",
                  "conv5": "features.12", "fc6": "classifier.2", "fc7": "classifier.5", "fc8": "classifier.6"}
-LAYERS = ("conv2", "conv5", "fc6", "fc8")  # the mission's four: the default
+LAYERS = ("conv2", "conv5", "fc6", "fc8")  # the default four
 
 # key: (default, accepted types, extra check or None, what is expected). config.yaml holds the same defaults.
 _NUM = (int, float)
@@ -59,7 +59,7 @@ SCHEMA = {
     "render.top1": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
     "render.analyses": (False, bool, None, "true or false"),
     "output.dir": ("outputs", str, None, "a folder path"),
-    # Inversion by optimisation (invert_by_optimisation.py); the README says which constants are M&V's.
+    # Inversion by optimisation (invert_by_optimisation.py); docs/optimisation-baseline.md says which constants are M&V's.
     "optimisation.iterations": (100, int, lambda v: v >= 1, "an integer >= 1"),
     "optimisation.optimizer": ("adam", str, lambda v: v in ("adam", "sgd"), "adam or sgd"),
     "optimisation.lr": (0.03, _NUM, lambda v: v > 0, "a number > 0"),

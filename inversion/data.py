@@ -91,7 +91,7 @@ def open_dataset(path, format="auto"):
             dataset.detected = True
             return dataset
     raise UserError(f"{path}: no Tiny ImageNet layout (no wnids.txt) and no image folder "
-                    f"(no train/<class>/<image>) found; see README, Data")
+                    f"(no train/<class>/<image>) found; see docs/configuration.md, Data")
 
 
 class _Files:

@@ -13,7 +13,7 @@ One rule builds a decoder for any (C, H, W) map or any vector, reconstructing a 
   paper's stack 256, 128, 64, 32 (halving on for longer stacks), first entries first, so the widest
   layers sit next to the features; the last one outputs RGB.
 Leaky ReLU (0.2) after every layer but the last; the output is linear and predicts the image in
-[0, 1] (RGB, not normalised). `width` scales every conv channel count (0.5 = the mission's halved
+[0, 1] (RGB, not normalised). `width` scales every conv channel count (0.5 = the halved
 decoders; 1.0 = the paper's).
 """
 
@@ -74,7 +74,7 @@ class Decoder(nn.Sequential):
         # Features arrive standardised per channel, with the training split's statistics (set before
         # training). Channels differ in offset far more than they vary across images (random-init
         # AlexNet's fc8: per-unit offsets 10x the spread), and a decoder fed them raw, or divided by one
-        # scalar as before, spends its first epochs learning to subtract them (README, Performance).
+        # scalar as before, spends its first epochs learning to subtract them (CHANGELOG.md).
         stats = (in_shape[0],) + (1,) * (len(in_shape) - 1)
         self.register_buffer("input_mean", torch.zeros(stats))
         self.register_buffer("input_std", torch.ones(stats))

@@ -165,7 +165,7 @@ def encode(taps, images, input_size, arch, device, dtype=torch.float32):
 
 
 def nodes(arch, layers):
-    """{layer: graph node}. AlexNet's layer names map through the README's table; other archs'
+    """{layer: graph node}. AlexNet's layer names map through docs/configuration.md's table; other archs'
     layers are node names already (a module name such as `layer2` means its last node)."""
     if arch == "alexnet":
         return {layer: ALEXNET_NODES.get(layer, layer) for layer in layers}

@@ -1,6 +1,6 @@
 """Reconstruction quality. Images are float tensors (N, 3, H, W) in [0, 1].
 
-Definitions (the README quotes them):
+Definitions (docs/rendering.md quotes them):
 - MSE: per-image mean of squared pixel differences, averaged over images.
 - PSNR: per-image 10*log10(1 / MSE_i) in dB, capped at PSNR_CAP for identical images, averaged.
 - SSIM: Wang et al. (2004): 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, data range 1,

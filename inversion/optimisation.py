@@ -4,7 +4,7 @@ For target features phi0 (cached), gradient descent over the image x minimises, 
 
     ||phi(x) - phi0||^2 / ||phi0||^2  +  lambda_alpha * R_alpha(x)  +  lambda_tv * TV_beta(x)
 
-Choices, so the two methods answer the same question (the README lists which constants are M&V's):
+Choices, so the two methods answer the same question (docs/optimisation-baseline.md lists which constants are M&V's):
 - x is an RGB image in [0, 1] at the cache's image size S, the space the decoders predict in, and
   phi is the extraction itself: `encoder.preprocess_float` (bilinear resize to input_size,
   normalisation) then the layer's tap. The cached image therefore maps onto phi0 exactly (up to

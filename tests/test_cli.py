@@ -109,7 +109,7 @@ def test_bad_arch_and_nodes(cfg_file, tmp_path, args, fragment):
 
 
 def test_all_eight_alexnet_layers_end_to_end(cfg_file, tmp_path):
-    """The issue's done-when on the tiny data: every layer extracted, trained, and a grid column each."""
+    """layers=all on the tiny data: every layer extracted, trained, and a grid column each."""
     from PIL import Image
 
     from inversion import figures
