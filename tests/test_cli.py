@@ -136,7 +136,8 @@ def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
             "--set", f"cache.dir={tmp_path}/cache", "--set", f"output.dir={tmp_path}/out",
             "--set", "encoder.weights=random", "--set", "split.num_classes=3", "--set", "split.eval_per_class=2",
             "--set", "layers=[conv2,fc8]", "--set", "train.batch_size=4", "--set", "train.epochs=1",
-            "--set", "render.num_images=3", "--set", "render.grid_size=2", "--set", "device=cpu"]
+            "--set", "render.num_images=3", "--set", "render.grid_size=2", "--set", "device=cpu",
+            "--set", "decoder.fc_width=64"]
     result = invoke("extract_features", *args)
     assert result.exit_code == 0, result.output
     assert "imagefolder layout, detected" in result.output and "expected cache size:" in result.output

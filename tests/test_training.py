@@ -93,9 +93,27 @@ def test_a_run_killed_mid_schedule_resumes_on_the_same_learning_rates(built, tmp
     assert straight[0]["lr"] < straight[1]["lr"] > straight[2]["lr"]  # warm-up step, then the decay
 
 
-def test_streamed_input_trains_like_in_memory_input_up_to_order(built, tmp_path):
-    streamed = train(cfg_in(built, tmp_path, **{"train.in_memory": False, "train.shuffle_buffer": 5}))
-    assert len(streamed) == 2 and all(h["samples"] == 18 for h in streamed)
+def test_streamed_input_trains_like_in_memory_input_up_to_order(built, tmp_path, monkeypatch):
+    seen = []  # per training batch, the images it held (as bytes: one key per image)
+    real = batching.batches
+
+    def recording(*args):
+        for x, y, n in real(*args):
+            seen.append([bytes(image.numpy()) for image in y])
+            yield x, y, n
+    monkeypatch.setattr(batching, "batches", recording)
+    runs = {}
+    for mode in (True, False):
+        seen.clear()
+        history = train(cfg_in(built, tmp_path / str(mode), **{"train.in_memory": mode, "train.shuffle_buffer": 5}))
+        epochs = [sum(seen[i * 5:(i + 1) * 5], []) for i in range(2)]  # 18 images in batches of 4: 5 a epoch
+        runs[mode] = history, epochs
+        assert len(seen) == 10 and all(len(set(epoch)) == 18 == len(epoch) for epoch in epochs)  # each image once
+    (memory, memory_order), (streamed, streamed_order) = runs[True], runs[False]
+    assert sorted(memory_order[0]) == sorted(streamed_order[0]) and memory_order != streamed_order
+    assert [h["samples"] for h in streamed] == [h["samples"] for h in memory] == [18, 18]
+    for a, b in zip(streamed, memory):  # the same data and initialisation; only the order differs
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=0.25)
 
 
 def test_changed_decoder_config_refuses_to_resume_until_fresh(built, tmp_path):
