@@ -54,6 +54,7 @@ SCHEMA = {
     "train.holdout": (0.0, _NUM, lambda v: 0 <= v < 1, "a number in [0, 1) (a fraction of the train split)"),
     "train.in_memory": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
     "train.shuffle_buffer": (4096, int, lambda v: v >= 1, "an integer >= 1"),
+    "train.tensorboard": (True, bool, None, "true or false"),
     "render.num_images": (20, int, lambda v: v >= 1, "an integer >= 1"),
     "render.grid_size": (8, int, lambda v: 1 <= v <= 32, "an integer in 1..32"),
     "render.top1": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),

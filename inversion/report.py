@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from . import analyses, config, encoder, feature_cache, figures, inference, metrics, runtime, storage
+from . import analyses, config, encoder, feature_cache, figures, inference, metrics, runtime, storage, webpage
 from .images import to_hwc, to_target, to_uint8
 from .console import Timer, console, summary, warn
 from .errors import UserError
@@ -75,8 +75,11 @@ def _render(cfg, cache, layers, num_images):
     storage.write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     storage.write_text(out / "results.md",
                        _markdown(report) + _optimisation_section(out / "optimisation.json", report["cache_hash"]))
+    rows = figures.choose_rows(labels, num_images, cfg["seed"])  # the comparison grid's images
+    page = webpage.write(out, report, originals[rows], {layer: r[rows] for layer, r in recon.items()}, labels[rows],
+                         normaliser)
     _show(report)
-    return {"report": report, "files": files + [out / "metrics.json", out / "results.md"]}
+    return {"report": report, "files": files + [out / "metrics.json", out / "results.md", page]}
 
 
 def _figures(cfg, cache, decoders, recon, num_images, note, provenance, out):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
-from . import batching, checkpoints, config, distributed, feature_cache, runtime, storage
+from . import batching, checkpoints, config, distributed, feature_cache, runtime, storage, training_log
 from .console import Timer, console, progress, rate_text, summary
 from .decoders import Decoder
 from .errors import UserError
@@ -77,7 +77,10 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     steps = math.ceil(len(data.train_x) / cfg["train.batch_size"])  # per epoch
     schedule = lr_schedule(run.optimizer, cfg, epochs * steps, done=start * steps)
     best = min((h["eval_loss"] for h in run.history), default=math.inf)
-    with progress() as bar:
+    provenance = {**run.guard, "encoder": cache.attrs["encoder"], "config_hash": config.digest(cfg),
+                  "versions": runtime.versions()}
+    log = training_log.open_log(cfg, layer, start, provenance, data.eval_x, data.eval_y)  # None: not logging
+    with progress() as bar, log or contextlib.nullcontext():
         task = bar.add_task(f"{layer} epoch {start + 1}/{epochs}", total=len(data.train_x), rate="")
         for epoch in range(start, epochs):
             bar.reset(task, total=len(data.train_x), description=f"{layer} epoch {epoch + 1}/{epochs}")
@@ -93,6 +96,8 @@ def train_layer(cfg, cache, layer, device, fresh=False):
             run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "eval_loss": eval_loss, "lr": lr,
                                 "seconds": round(seconds, 3), "samples": seen,
                                 "samples_per_s": round(seen / seconds, 1)})
+            if log:
+                log.epoch(run.model, run.history[-1])
             if distributed.is_main():  # one writer: every rank holds the same weights
                 save(cfg, run, is_best=eval_loss < best)
             best = min(best, eval_loss)
