@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
-from . import config, distributed, feature_cache, runtime, storage
+from . import config, decoders, distributed, feature_cache, runtime, storage
 from .console import Timer, console, progress, rate_text, summary, warn
 from .decoders import Decoder
 from .errors import UserError
@@ -80,11 +80,12 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     out = decoder_dir(cfg, layer)
     out.mkdir(parents=True, exist_ok=True)
     shape = cache["train"][layer].shape[1:]
+    layout = cache.attrs.get("layouts", {}).get(layer) or decoders.default_layout(shape)
     guard = {"cache_hash": cache.attrs["cache_hash"], "holdout": cfg["train.holdout"],
-             "decoder": {"layer": layer, "in_shape": list(shape), "width": cfg["decoder.width"],
-                         "out_size": cfg["data.image_size"]}}
+             "decoder": {"layer": layer, "in_shape": list(shape), **decoders.spec(shape, layout),
+                         "width": cfg["decoder.width"], "out_size": cfg["data.image_size"]}}
     torch.manual_seed(_seed(cfg["seed"], layer))
-    model = Decoder(shape, cfg["decoder.width"], out_size=cfg["data.image_size"]).to(device)
+    model = Decoder(shape, cfg["decoder.width"], out_size=cfg["data.image_size"], layout=layout).to(device)
     history = []
     if not distributed.is_main():
         distributed.barrier()  # rank 0 first settles a damaged last.pt (moved aside, best.pt copied in)
@@ -110,7 +111,7 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     # Said because it shapes the history: streaming shuffles in another order than in memory.
     console.print(f"{layer}: inputs {'streamed from HDF5' if isinstance(train_x, h5py.Dataset) else 'in memory'}")
     if not checkpoint:  # from the split as loaded (in memory: no second, strided read of the HDF5 file)
-        mean, std = standardisation(train_x)
+        mean, std = standardisation(train_x, arrange=model.arrange)
         model.input_mean.copy_(mean.view_as(model.input_mean))
         model.input_std.copy_(std.view_as(model.input_std))
     # Wrapped after the weights are final: DDP copies rank 0's parameters and buffers to every rank.
@@ -191,7 +192,8 @@ def load_decoder(path, device="cpu"):
     checkpoint = load_checkpoint(path)
     try:
         spec = checkpoint["decoder"]
-        model = Decoder(tuple(spec["in_shape"]), spec["width"], out_size=spec.get("out_size", 64))  # 64: older checkpoints
+        model = Decoder(tuple(spec["in_shape"]), spec["width"], out_size=spec.get("out_size", 64),  # 64: older ones
+                        layout=spec.get("layout"))
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise DamagedCheckpoint(f"{path} is damaged and cannot be loaded ({storage.reason(e)})") from e
@@ -311,12 +313,14 @@ def _ordered(x, y, batch, device, begin=0, end=None):
         yield torch.as_tensor(x[start:stop]).to(device), torch.as_tensor(y[start:stop]).to(device)
 
 
-def standardisation(dataset, limit=2048):
+def standardisation(dataset, limit=2048, arrange=None):
     """Per-channel (mean, std) of the features, from about `limit` samples spread evenly over the
-    split (it is stored class by class: the first samples would be a few classes). Units that barely
-    vary (dead ReLUs) are divided by a tenth of the typical std rather than by ~0, so that an image
-    unlike the sample cannot blow them up."""
+    split (it is stored class by class: the first samples would be a few classes), taken channels
+    first as `arrange` (Decoder.arrange) lays them out. Units that barely vary (dead ReLUs) are
+    divided by a tenth of the typical std rather than by ~0, so that an image unlike the sample
+    cannot blow them up."""
     sample = torch.as_tensor(dataset[::max(1, len(dataset) // limit)]).float()  # numpy, HDF5 or a GPU tensor
+    sample = arrange(sample) if arrange else sample
     dims = [0, *range(2, sample.dim())]
     mean, std = sample.mean(dims), sample.std(dims)
     floor = 0.1 * std.mean().item()
