@@ -22,7 +22,8 @@ def extract(cfg):
         job.path, distributed.rank(), distributed.world_size())
     with storage.lock(target.with_name(target.name + ".lock"), target):
         existing = feature_cache.read_attrs(job.path)
-        if existing and existing["cache_hash"] == job.attrs["cache_hash"]:
+        if existing and existing["cache_hash"] == job.attrs["cache_hash"] and \
+                existing.get("layouts") == job.attrs.get("layouts"):
             console.print(f"cache hit: {job.path} (finished by another process meanwhile)")
             return job.path
         return build(cfg, job)
