@@ -157,3 +157,15 @@ def test_a_layout_is_kept_in_the_checkpoint_spec_only_where_it_is_not_the_old_de
         decoders.Decoder((197, 768), layout="chw")
     with pytest.raises(ValueError, match="not 1 \\+ a square grid"):
         decoders.Decoder((198, 768), layout="cls_tokens")
+
+
+@pytest.mark.parametrize("shape, layout", [((6, 6, 32), "hwc"), ((37, 16), "cls_tokens"), ((192, 13, 13), "chw")])
+def test_load_decoder_rebuilds_the_layout_from_the_checkpoint_spec(tmp_path, shape, layout):
+    from inversion import training
+    model = decoders.Decoder(shape, layout=layout)
+    model.input_mean.normal_()
+    spec = {"layer": "x", "in_shape": list(shape), **decoders.spec(shape, layout), "width": 0.5, "out_size": 64}
+    torch.save({"model": model.state_dict(), "optimizer": {}, "history": [], "decoder": spec}, tmp_path / "last.pt")
+    loaded, _ = training.load_decoder(tmp_path / "last.pt")
+    x = torch.randn(2, *shape)
+    assert loaded.layout == layout and torch.equal(loaded(x), model.eval()(x))
