@@ -26,12 +26,15 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
 
 def print_tables(cfg, layers):
     """The architecture tables, read off the modules themselves (docs/decoders-and-training.md quotes this output)."""
-    shapes = encoder.feature_shapes(cfg["encoder.arch"], cfg["encoder.input_size"], layers)
+    found = encoder.feature_layouts(cfg["encoder.arch"], cfg["encoder.input_size"], layers)
     for layer in layers:
-        model = decoders.Decoder(shapes[layer], cfg["decoder.width"], out_size=cfg["data.image_size"],
+        shape, layout = found[layer]
+        model = decoders.Decoder(shape, cfg["decoder.width"], out_size=cfg["data.image_size"], layout=layout,
                                  fc_width=cfg["decoder.fc_width"])
         total = sum(p.numel() for p in model.parameters())
-        table = Table(title=f"{layer} decoder (input {'x'.join(map(str, shapes[layer]))}, "
+        source = "" if layout == decoders.default_layout(shape) else \
+            f" from the node's {'x'.join(map(str, shape))}, {encoder.layout_text(shape, layout)}"
+        table = Table(title=f"{layer} decoder (input {'x'.join(map(str, model.map_shape))}{source}, "
                             f"width {cfg['decoder.width']}, {total:,} parameters)")
         for column in ("layer", "kernel", "stride", "out channels", "out size", "parameters"):
             table.add_column(column, justify="left" if column == "layer" else "right")

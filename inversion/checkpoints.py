@@ -24,7 +24,8 @@ import torch
 
 from . import storage
 from .console import warn
-from .decoders import FC_WIDTH, OUT_SIZE, Decoder, uses_fc
+from . import decoders
+from .decoders import FC_WIDTH, OUT_SIZE, Decoder
 from .errors import UserError
 
 LAST, BEST, OPTIMIZER, HISTORY = "last.pt", "best.pt", "optimizer.pt", "history.jsonl"
@@ -76,22 +77,30 @@ def load(path, mmap=False):
     return checkpoint
 
 
-def make_spec(layer, in_shape, width, out_size, fc_width):
-    """What a decoder is built from, as its checkpoint records it; fc_width only where it has fc layers,
-    so that the setting does not pin a convolutional decoder."""
-    spec = {"layer": layer, "in_shape": list(in_shape), "width": width, "out_size": out_size}
-    return {**spec, "fc_width": fc_width} if uses_fc(in_shape) else spec
+def make_spec(layer, in_shape, layout, width, out_size, fc_width):
+    """What a decoder is built from, as its checkpoint records it: the layout only where it is not the
+    default one and fc_width only where the decoder has fc layers, so neither pins a decoder it does not
+    shape (and checkpoints from before either existed keep their spec)."""
+    spec = {"layer": layer, "in_shape": list(in_shape), **decoders.spec(in_shape, layout), "width": width,
+            "out_size": out_size}
+    return {**spec, "fc_width": fc_width} if _uses_fc(spec) else spec
 
 
 def spec(checkpoint):
     """The decoder's spec, with the defaults of checkpoints written before a setting existed."""
     recorded = {"out_size": OUT_SIZE, **checkpoint["decoder"]}
-    return {"fc_width": FC_WIDTH, **recorded} if uses_fc(recorded["in_shape"]) else recorded
+    return {"fc_width": FC_WIDTH, **recorded} if _uses_fc(recorded) else recorded
+
+
+def _uses_fc(decoder_spec):
+    shape = decoder_spec["in_shape"]
+    layout = decoder_spec.get("layout") or decoders.default_layout(shape)
+    return decoders.uses_fc(decoders.map_shape(shape, layout))
 
 
 def build(decoder_spec, device=None):
     return Decoder(tuple(decoder_spec["in_shape"]), decoder_spec["width"], out_size=decoder_spec["out_size"],
-                   fc_width=decoder_spec.get("fc_width", FC_WIDTH)).to(device)
+                   layout=decoder_spec.get("layout"), fc_width=decoder_spec.get("fc_width", FC_WIDTH)).to(device)
 
 
 def load_decoder(path):

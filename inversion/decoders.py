@@ -1,7 +1,13 @@
 """The inversion networks, after Dosovitskiy & Brox (CVPR 2016), Tables 7-8, for any feature shape.
 
-One rule builds a decoder for any (C, H, W) map or any vector, reconstructing a `out_size` image
-(a power of two):
+A node's output comes in one of LAYOUTS (decided from the encoder's graph in encoder.py):
+channels-first maps (C, H, W), channels-last maps (H, W, C, as Swin and ConvNeXt's blocks keep them),
+token sequences (L, D) on a g x g patch grid with or without a class token first (ViT), and vectors.
+A decoder first views its raw cached features as a channels-first map (C, H, W) or a vector (D,)
+(`map_shape`): channels-last maps are permuted, tokens are laid out on their grid with their D
+channels, and a class token is projected by a learned D x D matrix and added over the whole grid (it
+summarises the image; dropping it would throw away what ViT's head reads). Then one rule builds a
+decoder for the (C, H, W) map or vector, reconstructing a `out_size` image (a power of two):
 - Vectors, and maps smaller than 4x4 (flattened first): three fc layers of `fc_width` (the paper's
   4096), reshape to (fc_width / 16)x4x4 (256x4x4), then up-convolutions. The paper's fc decoders start from 4x4, so a 1x1 or 2x2 map has
   no spatial layout worth keeping.
@@ -20,6 +26,7 @@ decoders; 1.0 = the paper's).
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,16 +36,49 @@ FC_WIDTH = 4096              # the paper's; decoder.fc_width (tests build tiny f
 FC_GRID = 4                  # fc decoders reshape to 256 x FC_GRID x FC_GRID
 CONV_CHANNELS = 256          # the paper's, before `width`
 UCONV_FIRST = 256            # the paper's up-convolution stack starts here and halves: 256, 128, 64, 32
+LAYOUTS = ("chw", "hwc", "tokens", "cls_tokens", "vector")
+TOKENS = ("tokens", "cls_tokens")
+
+
+def default_layout(shape):
+    """The layout of a cache or checkpoint that does not record one: they held AlexNet-style
+    channels-first maps and vectors only."""
+    return "vector" if len(shape) == 1 else "chw"
+
+
+def map_shape(shape, layout):
+    """The (C, H, W) map or (D,) vector a decoder sees for a node's per-image `shape` in `layout`;
+    ValueError where the shape cannot be in that layout."""
+    dims = {"chw": 3, "hwc": 3, "tokens": 2, "cls_tokens": 2, "vector": 1}.get(layout)
+    if dims is None or len(shape) != dims:
+        raise ValueError(f"a {len(shape)}-D feature shape {tuple(shape)} cannot be in layout {layout!r}")
+    if layout == "hwc":
+        return (shape[2], shape[0], shape[1])
+    if layout in TOKENS:
+        patches = shape[0] - (layout == "cls_tokens")
+        grid = math.isqrt(max(patches, 0))
+        if patches < 1 or grid * grid != patches:
+            raise ValueError(f"{shape[0]} tokens are not {'1 + ' * (layout == 'cls_tokens')}a square grid")
+        return (shape[1], grid, grid)
+    return tuple(shape)
+
+
+def spec(shape, layout):
+    """What a checkpoint's `decoder` spec adds for the layout: nothing for the default one, so that
+    checkpoints of channels-first maps and vectors keep their spec (and resume) as before."""
+    return {} if layout == default_layout(shape) else {"layout": layout}
 
 
 class Decoder(nn.Sequential):
-    """Feature tensor (B, *in_shape) -> image (B, 3, out_size, out_size)."""
+    """Raw cached features (B, *in_shape) in `layout` -> image (B, 3, out_size, out_size)."""
 
-    def __init__(self, in_shape, width=0.5, out_size=OUT_SIZE, fc_width=FC_WIDTH):
+    def __init__(self, in_shape, width=0.5, out_size=OUT_SIZE, layout=None, fc_width=FC_WIDTH):
         if out_size < 2 * FC_GRID or out_size & (out_size - 1):
             raise ValueError(f"out_size must be a power of two >= {2 * FC_GRID}, got {out_size}")
         if fc_width < FC_GRID ** 2 or fc_width % FC_GRID ** 2:
             raise ValueError(f"fc_width must be a multiple of {FC_GRID ** 2}, got {fc_width}")
+        layout = layout or default_layout(in_shape)
+        raw_shape, in_shape = tuple(in_shape), map_shape(in_shape, layout)
         layers = []
         if uses_fc(in_shape):
             if len(in_shape) > 1:
@@ -69,18 +109,43 @@ class Decoder(nn.Sequential):
                 layers.append(nn.LeakyReLU(LEAK))
             channels = out
         super().__init__(*layers)
-        self.in_shape = tuple(in_shape)
+        self.in_shape, self.layout, self.map_shape = raw_shape, layout, in_shape
         self.out_size = out_size
+        if layout == "cls_tokens":  # plain parameters: a submodule would join nn.Sequential's chain
+            proj = nn.Linear(in_shape[0], in_shape[0])
+            self.cls_weight, self.cls_bias = proj.weight, proj.bias
         # Features arrive standardised per channel, with the training split's statistics (set before
         # training). Channels differ in offset far more than they vary across images (random-init
         # AlexNet's fc8: per-unit offsets 10x the spread), and a decoder fed them raw, or divided by one
         # scalar as before, spends its first epochs learning to subtract them (CHANGELOG.md).
-        stats = (in_shape[0],) + (1,) * (len(in_shape) - 1)
+        # The statistics are taken on `arrange`d features: (C, 1, 1) for maps, (D, 1) for tokens.
+        stats = (in_shape[0],) + (1,) * (len(in_shape) - 1 if layout not in TOKENS else 1)
         self.register_buffer("input_mean", torch.zeros(stats))
         self.register_buffer("input_std", torch.ones(stats))
 
+    def arrange(self, x):
+        """Raw features (B, *in_shape) -> channels first, as a view (no copy): (B, C, H, W) maps,
+        (B, D) vectors, (B, D, L) tokens (the class token first). Per-channel statistics are taken
+        on this view (training.standardisation), so they mean the same channels as in forward."""
+        if self.layout == "hwc":
+            return x.permute(0, 3, 1, 2)
+        if self.layout in TOKENS:
+            return x.transpose(1, 2)
+        return x
+
+    def to_map(self, x):
+        """Raw features -> the standardised (B, C, H, W) map or (B, D) vector the layers take."""
+        x = (self.arrange(x) - self.input_mean) / self.input_std
+        if self.layout not in TOKENS:
+            return x
+        cls = self.layout == "cls_tokens"
+        grid = x[:, :, int(cls):].unflatten(2, self.map_shape[1:])
+        if cls:
+            grid = grid + F.linear(x[:, :, 0], self.cls_weight, self.cls_bias)[:, :, None, None]
+        return grid
+
     def forward(self, x):
-        return super().forward((x - self.input_mean) / self.input_std)
+        return super().forward(self.to_map(x))
 
     def _load_from_state_dict(self, state, prefix, *args):
         scale = state.pop(prefix + "input_scale", None)
@@ -91,9 +156,9 @@ class Decoder(nn.Sequential):
         super()._load_from_state_dict(state, prefix, *args)
 
 
-def uses_fc(in_shape):
-    """Whether features of this shape are decoded by fc layers (vectors, maps smaller than 4x4)."""
-    return len(in_shape) == 1 or in_shape[1] * in_shape[2] < FC_GRID ** 2
+def uses_fc(map_shape):
+    """Whether a (C, H, W) map or (D,) vector is decoded by fc layers (vectors, maps smaller than 4x4)."""
+    return len(map_shape) == 1 or map_shape[1] * map_shape[2] < FC_GRID ** 2
 
 
 def _scaled(channels, width):
@@ -102,8 +167,11 @@ def _scaled(channels, width):
 
 def describe(decoder):
     """Rows (layer, kernel, stride, out channels, out size, parameters), read off the modules."""
-    x = torch.zeros(1, *decoder.in_shape)
+    x = decoder.to_map(torch.zeros(1, *decoder.in_shape))
     rows = [("input", "", "", _channels(x), _size(x), 0)]
+    if decoder.layout == "cls_tokens":
+        params = decoder.cls_weight.numel() + decoder.cls_bias.numel()
+        rows.append(("class token: fc, added over the grid", "", "", _channels(x), _size(x), params))
     for module in decoder:
         x = module(x)
         if isinstance(module, nn.LeakyReLU):

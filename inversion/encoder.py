@@ -9,9 +9,12 @@ Tap points are data (graph node names), not code: torchvision's `feature_extract
 model into one graph that returns every requested node from a single forward pass.
 """
 
+import contextlib
 import difflib
 import functools
 import hashlib
+import io
+import math
 import warnings
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from .config import ALEXNET_NODES
+from .decoders import map_shape
 from .errors import UserError
 
 PREPROCESS_VERSION = 1  # bump when preprocessing changes: it is part of every cache's hash
@@ -182,42 +186,111 @@ def extractor(model, arch, layers):
 
 def feature_shapes(arch, input_size, layers):
     """Per-layer activation shape (without batch), from a weightless forward on the meta device."""
-    out = _probe(arch, input_size, layers)
-    bad = [layer for layer in layers if not isinstance(out[layer], torch.Tensor)]
-    if bad:
-        raise UserError(f"layers: node {bad[0]!r} of {arch} outputs {type(out[bad[0]]).__name__}, not one "
-                        f"tensor; pick another (python extract_features.py --list-layers)")
-    return {layer: tuple(out[layer].shape[1:]) for layer in layers}
+    return {layer: shape for layer, (shape, _) in feature_layouts(arch, input_size, layers).items()}
+
+
+def feature_layouts(arch, input_size, layers):
+    """{layer: (shape without batch, layout)}; a node no decoder can read is refused in one line."""
+    found = _classify(_probe(arch, input_size, layers))
+    for layer in layers:
+        shape, layout, reason = found[layer]
+        if layout is None:
+            raise UserError(f"layers: node {nodes(arch, [layer])[layer]!r} of {arch} outputs "
+                            f"{'x'.join(map(str, shape)) + ', ' if shape else ''}{reason}; pick another "
+                            f"(python extract_features.py --list-layers)")
+    return {layer: found[layer][:2] for layer in layers}
 
 
 def list_nodes(arch, input_size):
-    """[(node, output shape or a note)] for every node of the arch's eval graph, in network order."""
-    out = _probe(arch, input_size)
-    return [(name, tuple(value.shape[1:]) if isinstance(value, torch.Tensor)
-             else f"not one tensor ({type(value).__name__})") for name, value in out.items()]
+    """[(node, shape without batch or None, layout or None, why not where None)] for every node of
+    the arch's eval graph, in network order."""
+    return [(name, *value) for name, value in _classify(_probe(arch, input_size)).items()]
+
+
+def layout_text(shape, layout):
+    """How a layout reads in listings: `C x H x W`, `H x W x C`, `tokens 1+14x14 x 768`, `vector`."""
+    if layout in ("tokens", "cls_tokens"):
+        channels, grid, _ = map_shape(shape, layout)
+        return f"tokens {'1+' * (layout == 'cls_tokens')}{grid}x{grid} x {channels}"
+    return {"chw": "C x H x W", "hwc": "H x W x C", "vector": "vector"}[layout]
+
+
+# Probed twice, as batches of 2 and of 3 images: a node whose first dimension is not the batch is not
+# per image (a parameter, a constant, windows of several images). The second batch is PROBE_STEP
+# pixels larger where the arch accepts it (ViT accepts one size only): the dimensions that grow with
+# the input are the spatial ones, which tells (C, H, W) from (H, W, C) and tokens from channels.
+PROBE_BATCHES = (2, 3)
+PROBE_STEP = 32
 
 
 def _probe(arch, input_size, layers=None):
-    """{layer or node: output} of one forward of an unweighted model: on the meta device (no memory,
-    no compute) where the arch can be built there, else on the CPU."""
-    for device in ("meta", "cpu"):
-        try:
-            with torch.device(device):
-                model = _build(arch).eval()
-                x = torch.zeros(1, 3, input_size, input_size)
-        except NotImplementedError:  # an init that copies data (e.g. regnet) cannot run on meta
-            continue
-        with torch.no_grad():
-            if layers is not None:
-                return extractor(model, arch, layers)(x)
-            names = _graph_nodes(model)[1:]  # without the input placeholder
-            return create_feature_extractor(model, return_nodes=names, suppress_diff_warning=True)(x)
+    """({layer or node: output at batch 2}, {... at batch 3}, whether the second input was larger),
+    from forwards of an unweighted model on the meta device (no memory, no compute)."""
+    model = _meta_model(arch)
+    graph = extractor(model, arch, layers) if layers is not None else create_feature_extractor(
+        model, return_nodes=_graph_nodes(model)[1:], suppress_diff_warning=True)  # [1:]: not the input
+
+    def run(batch, size):
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # FX prints a failing node's source
+            return graph(torch.zeros(batch, 3, size, size, device="meta"))
+    first = run(PROBE_BATCHES[0], input_size)
+    try:
+        return first, run(PROBE_BATCHES[1], input_size + PROBE_STEP), True
+    except Exception:  # noqa: BLE001 - the arch refuses another size (ViT asserts, MaxViT cannot partition)
+        return first, run(PROBE_BATCHES[1], input_size), False
+
+
+def _meta_model(arch):
+    try:
+        with torch.device("meta"):
+            return _build(arch).eval()
+    except NotImplementedError:  # an init that reads tensor values (regnet's widths): built, then moved
+        return _build(arch).eval().to("meta")
+
+
+def _classify(probe):
+    """{name: (shape without batch or None, layout or None, why not)} from `_probe`'s two forwards."""
+    first, second, resized = probe
+    found = {}
+    for name, a in first.items():
+        b = second[name]
+        if not isinstance(a, torch.Tensor):
+            found[name] = (None, None, f"{type(a).__name__}, not one tensor")
+        elif a.dim() == 0 or a.dim() != b.dim() or (a.shape[0], b.shape[0]) != PROBE_BATCHES:
+            found[name] = (None, None, "a tensor whose first dimension is not the batch (not per image)")
+        else:
+            shape = tuple(a.shape[1:])
+            spatial = tuple(i for i, (m, n) in enumerate(zip(a.shape[1:], b.shape[1:])) if m != n) if resized else None
+            found[name] = (shape, *_layout(shape, spatial))
+    return found
+
+
+def _layout(shape, spatial):
+    """(layout, None) or (None, why no decoder reads it). `spatial`: the dimensions that grew with
+    the input, () for none (an adaptive pool fixed them), None where the arch takes one size only."""
+    if len(shape) == 1:
+        return "vector", None
+    if len(shape) == 2 and spatial in (None, (0,)):
+        patches = shape[0] - 1
+        if patches >= 1 and math.isqrt(patches) ** 2 == patches:
+            return "cls_tokens", None
+        if math.isqrt(shape[0]) ** 2 == shape[0]:
+            return "tokens", None
+        return None, f"{shape[0]} rows: neither tokens on a square grid nor a class token and such tokens"
+    if len(shape) == 2:
+        return None, "a 2-D output whose first dimension is not tokens (not a map, tokens or a vector)"
+    if len(shape) == 3:
+        if spatial == (1, 2) or (not spatial and shape[1] == shape[2]):
+            return "chw", None
+        if spatial == (0, 1) or (not spatial and shape[0] == shape[1]):
+            return "hwc", None
+        return None, "a 3-D output without a square spatial pair (not a map, tokens or a vector)"
+    return None, f"{len(shape)}-D per image (windows or channel groups; not a map, tokens or a vector)"
 
 
 def network_order(arch, layers):
     """`layers` sorted by where they sit in the forward pass (the figures' column order)."""
-    with torch.device("meta"):
-        graph = _graph_nodes(_build(arch).eval())
+    graph = _graph_nodes(_meta_model(arch))
     wanted = nodes(arch, layers)
 
     def position(layer):  # a module name stands where its last node does

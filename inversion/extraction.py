@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from rich.table import Table
 
-from . import data, distributed, encoder, feature_cache, runtime, storage
+from . import data, decoders, distributed, encoder, feature_cache, runtime, storage
 from .errors import UserError
 from .console import Timer, console, progress, rate_text, summary, warn
 
@@ -22,7 +22,8 @@ def extract(cfg):
         job.path, distributed.rank(), distributed.world_size())
     with storage.lock(target.with_name(target.name + ".lock"), target):
         existing = feature_cache.read_attrs(job.path)
-        if existing and existing["cache_hash"] == job.attrs["cache_hash"]:
+        if existing and existing["cache_hash"] == job.attrs["cache_hash"] and \
+                existing.get("layouts") == job.attrs.get("layouts"):
             console.print(f"cache hit: {job.path} (finished by another process meanwhile)")
             return job.path
         return build(cfg, job)
@@ -32,7 +33,8 @@ def prepare(cfg):
     """Everything before the forward passes: split, encoder, cache identity, and whether it exists."""
     with Timer() as timer:
         # The encoder and its layers first: a typo in a node name should not wait for the data.
-        shapes = encoder.feature_shapes(cfg["encoder.arch"], cfg["encoder.input_size"], cfg["layers"])
+        found = encoder.feature_layouts(cfg["encoder.arch"], cfg["encoder.input_size"], cfg["layers"])
+        shapes = {layer: shape for layer, (shape, _) in found.items()}
         dataset = data.open_dataset(data.locate(cfg["data.path"], cfg["data.format"]), cfg["data.format"])
         console.print(f"data: {dataset.describe()}")
         split = data.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
@@ -43,12 +45,18 @@ def prepare(cfg):
         sources = {"data": split.fingerprint(dataset), "encoder": identity,
                    "preprocess": encoder.PREPROCESS_VERSION, "image_preprocess": data.PREPROCESS_VERSION}
         layers = encoder.network_order(cfg["encoder.arch"], cfg["layers"])
-        attrs = feature_cache.make_attrs(cfg, sources, identity, split.wnids, split.names, runtime.versions(), layers)
+        attrs = feature_cache.make_attrs(cfg, sources, identity, split.wnids, split.names, runtime.versions(), layers,
+                                         {layer: layout for layer, (_, layout) in found.items()})
         path = feature_cache.path_for(cfg)
         existing = feature_cache.read_attrs(path) if path.exists() else None
-        hit = bool(existing) and existing["cache_hash"] == attrs["cache_hash"]
+        # A cache from before layouts were recorded is read as channels-first maps and vectors.
+        unrecorded = bool(existing) and "layouts" not in existing and any(
+            layout != decoders.default_layout(shape) for shape, layout in found.values())
+        hit = bool(existing) and existing["cache_hash"] == attrs["cache_hash"] and not unrecorded
     if hit:
         console.print(f"cache hit: {path} ({path.stat().st_size / 2**20:,.1f} MiB, checked in {timer.seconds:.1f} s)")
+    elif unrecorded:
+        warn(f"{path} does not record how its layers are laid out; rebuilding it")
     elif existing:
         warn(f"{path} was built from other data, encoder or preprocessing; rebuilding it")
     return SimpleNamespace(dataset=dataset, split=split, model=model, shapes=shapes, attrs=attrs, path=path, hit=hit)

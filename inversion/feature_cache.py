@@ -6,7 +6,9 @@ Schema (one file per cache, readable with plain h5py):
   /<split>/wnids    str     (N,)
   /<split>/paths    str     (N,)             archive member of each image
   /<split>/<layer>  float16 (N, *shape)      layer in {conv2, conv5, fc6, fc8}, chunked by samples
-Root attributes are JSON strings or plain values; see ATTRS.
+Root attributes are JSON strings or plain values; see ATTRS. `layouts` ({layer: layout}, see
+decoders.LAYOUTS) says how each layer's features are laid out; caches without it hold channels-first
+maps and vectors only.
 
 A file is named by the hash of the settings that shape it and only gets that name when complete;
 while it is written it is `<name>.partial`, which a re-run resumes.
@@ -25,7 +27,7 @@ from .errors import UserError
 FORMAT_VERSION = 1
 SPLITS = ("train", "eval")
 ATTRS = ("format_version", "config_hash", "cache_hash", "config", "sources", "encoder",
-         "class_wnids", "class_names", "layers", "versions", "created", "complete")
+         "class_wnids", "class_names", "layers", "layouts", "versions", "created", "complete")
 CHUNK_BYTES = 1 << 21  # ~2 MiB per chunk: large sequential reads, small enough to shuffle blocks
 
 
@@ -209,8 +211,9 @@ def _chunks(n, shape, itemsize):
     return (max(1, min(n, CHUNK_BYTES // per_sample)), *shape)
 
 
-def make_attrs(cfg, sources, encoder_identity, wnids, names, versions, layers):
-    """`layers` in network order: figures and reports put their columns in this order."""
+def make_attrs(cfg, sources, encoder_identity, wnids, names, versions, layers, layouts=None):
+    """`layers` in network order: figures and reports put their columns in this order. `layouts`
+    ({layer: layout}) is derived from the arch and its nodes, so it is not part of the cache hash."""
     return {
         "format_version": FORMAT_VERSION,
         "config_hash": config_hash(cfg),
@@ -221,6 +224,7 @@ def make_attrs(cfg, sources, encoder_identity, wnids, names, versions, layers):
         "class_wnids": json.dumps(wnids),
         "class_names": json.dumps(names),
         "layers": json.dumps(layers),
+        **({"layouts": json.dumps(layouts, sort_keys=True)} if layouts else {}),
         "versions": json.dumps(versions, sort_keys=True),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

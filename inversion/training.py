@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
-from . import batching, checkpoints, config, distributed, feature_cache, runtime, storage, training_log
+from . import batching, checkpoints, config, decoders, distributed, feature_cache, runtime, storage, training_log
 from .console import Timer, console, progress, rate_text, summary
 from .decoders import Decoder
 from .errors import UserError
@@ -112,7 +112,9 @@ def build(cfg, cache, layer, device, fresh):
     out = checkpoints.folder(cfg, layer)
     out.mkdir(parents=True, exist_ok=True)
     shape = cache["train"][layer].shape[1:]
-    spec = checkpoints.make_spec(layer, shape, cfg["decoder.width"], cfg["data.image_size"], cfg["decoder.fc_width"])
+    layout = cache.attrs.get("layouts", {}).get(layer) or decoders.default_layout(shape)
+    spec = checkpoints.make_spec(layer, shape, layout, cfg["decoder.width"], cfg["data.image_size"],
+                                 cfg["decoder.fc_width"])
     guard = {"cache_hash": cache.attrs["cache_hash"], "holdout": cfg["train.holdout"], "decoder": spec}
     torch.manual_seed(runtime.derive_seed(cfg["seed"], layer, 0))
     model = checkpoints.build(spec, device)
@@ -143,7 +145,7 @@ def load_data(cfg, cache, layer, run, device):
     # Said because it shapes the history: streaming shuffles in another order than in memory.
     console.print(f"{layer}: inputs {'streamed from HDF5' if batching.is_streamed(train_x) else 'in memory'}")
     if not run.history:  # from the split as loaded (in memory: no second, strided read of the HDF5 file)
-        mean, std = standardisation(train_x)
+        mean, std = standardisation(train_x, arrange=run.model.arrange)
         run.model.input_mean.copy_(mean.view_as(run.model.input_mean))
         run.model.input_std.copy_(std.view_as(run.model.input_std))
     if distributed.launched():  # DDP copies rank 0's parameters and buffers to every rank
@@ -249,12 +251,13 @@ class _Capped:
         self.done += 1
 
 
-def standardisation(dataset, limit=2048):
+def standardisation(dataset, limit=2048, arrange=None):
     """Per-channel (mean, std) of the features, from about `limit` samples spread evenly over the split
-    (it is stored class by class: the first samples would be a few classes). Units that barely vary (dead
-    ReLUs) are divided by a tenth of the typical std rather than by ~0, so that an image unlike the sample
-    cannot blow them up."""
+    (it is stored class by class: the first samples would be a few classes), taken channels first as
+    `arrange` (Decoder.arrange) lays them out. Units that barely vary (dead ReLUs) are divided by a tenth
+    of the typical std rather than by ~0, so that an image unlike the sample cannot blow them up."""
     sample = torch.as_tensor(dataset[::max(1, len(dataset) // limit)]).float()  # numpy, HDF5 or a GPU tensor
+    sample = arrange(sample) if arrange else sample
     dims = [0, *range(2, sample.dim())]
     mean, std = sample.mean(dims), sample.std(dims)
     floor = 0.1 * std.mean().item()

@@ -2,6 +2,10 @@
 
 import importlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -162,3 +166,38 @@ def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
         assert im.size == (2000, 1120)
     result = invoke("train_decoders", *args, "--describe", "--layers", "conv2")
     assert "128x128" in result.output
+
+
+def test_list_layers_prints_whole_node_names_into_a_pipe_at_80_columns():
+    """A name is there to be copied into `layers=[...]`: never cut, whatever the terminal."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "extract_features.py", "--list-layers", "--set", "encoder.arch=vit_b_16"],
+                         cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "80"}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[0]: line for line in run.stdout.splitlines()[2:]}
+    assert "tokens 1+14x14 x 768" in rows["encoder.layers.encoder_layer_11.add_1"] and "197x768" in rows["encoder.ln"]
+    assert "C x H x W" in rows["conv_proj"] and "vector" in rows["heads.head"]
+    assert "…" not in run.stdout and "getattr" not in rows and "reshape" not in rows
+    assert "--all-nodes" in run.stderr
+
+
+def test_all_nodes_lists_the_rest_with_why(cfg_file):
+    result = invoke("extract_features", "--config", cfg_file, "--list-layers", "--all-nodes",
+                    "--set", "encoder.arch=vit_b_16")
+    assert result.exit_code == 0
+    row = next(line for line in result.output.splitlines() if line.startswith("reshape "))
+    assert "neither tokens on a square grid" in row
+    result = invoke("extract_features", "--config", cfg_file, "--set", "encoder.arch=maxvit_t", "--set",
+                    "layers=[blocks.0.layers.0.layers.window_attention.partition_op.reshape]")
+    one_line_error(result, "5-D per image")
+
+
+@pytest.mark.parametrize("arch, node, channels", [("swin_t", "features.5", "384"),
+                                                 ("vit_b_16", "encoder.layers.encoder_layer_5", "768")])
+def test_describe_shows_the_node_as_channels_by_grid(cfg_file, arch, node, channels):
+    result = invoke("train_decoders", "--config", cfg_file, "--describe", "--set", f"encoder.arch={arch}",
+                    "--set", f"layers=[{node}]")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("│ input "))
+    assert [cell.strip() for cell in row.split("│")][4:6] == [channels, "14x14"]

@@ -116,3 +116,66 @@ def test_a_map_larger_than_half_a_small_output_is_halved_first():
     model = decoders.Decoder(SHAPES["conv2"], out_size=16)  # 13x13 -> stride 2 -> 7x7 -> 8x8 -> 16x16
     assert model(torch.randn(1, *SHAPES["conv2"])).shape == (1, 3, 16, 16)
     assert [(r[2], r[4]) for r in decoders.describe(model) if r[0].startswith("conv")][0] == (2, "7x7")
+
+
+@pytest.mark.parametrize("shape, layout, view", [((6, 6, 32), "hwc", (32, 6, 6)), ((37, 16), "cls_tokens", (16, 6, 6)),
+                                                 ((36, 16), "tokens", (16, 6, 6))])
+def test_other_layouts_are_standardised_per_channel_in_the_map_view(shape, layout, view):
+    """The statistics training takes on `arrange`d features are the channels forward standardises."""
+    from inversion import training
+    torch.manual_seed(0)
+    model = decoders.Decoder(shape, layout=layout)
+    assert model.map_shape == view
+    offsets = torch.randn(view[0]) * 10  # per channel, wherever the layout keeps its channels
+    raw = torch.randn(8, *view[1:], view[0]) + offsets  # channels last: hwc as is, tokens once flattened
+    raw = raw if layout == "hwc" else raw.flatten(1, 2)
+    if layout == "cls_tokens":
+        raw = torch.cat([raw[:, :1], raw], 1)
+    mean, std = training.standardisation(raw, arrange=model.arrange)
+    assert mean.shape == (view[0],) and torch.allclose(mean, offsets, atol=1.0)
+    model.input_mean.copy_(mean.view_as(model.input_mean))
+    model.input_std.copy_(std.view_as(model.input_std))
+    grid = model.to_map(raw)
+    assert grid.shape == (8, *view)
+    if layout != "cls_tokens":
+        assert abs(grid.mean().item()) < 0.1 and abs(grid.std().item() - 1) < 0.1
+    assert model(raw).shape == (8, 3, 64, 64)
+
+
+def test_the_class_token_reaches_the_image_and_the_grid_is_read_in_place():
+    model = decoders.Decoder((1 + 36, 16), layout="cls_tokens")
+    x = torch.randn(2, 37, 16)
+    changed = x.clone()
+    changed[:, 0] += 1
+    assert not torch.allclose(model(x), model(changed))
+    rows = decoders.describe(model)
+    assert rows[1][0].startswith("class token") and rows[1][-1] == 16 * 16 + 16
+    assert sum(r[-1] for r in rows) == sum(p.numel() for p in model.parameters())
+    # patch token 7 (row 1, column 1 of the 6x6 grid) lands at (1, 1), with its 16 values as channels
+    tokens = decoders.Decoder((36, 16), layout="tokens")
+    x = torch.zeros(1, 36, 16)
+    x[0, 7] = torch.arange(16.0)
+    assert torch.equal(tokens.to_map(x)[0, :, 1, 1], torch.arange(16.0))
+    hwc = decoders.Decoder((6, 6, 16), layout="hwc")
+    assert torch.equal(hwc.to_map(x.view(1, 6, 6, 16))[0, :, 1, 1], torch.arange(16.0))
+
+
+def test_a_layout_is_kept_in_the_checkpoint_spec_only_where_it_is_not_the_old_default():
+    assert decoders.spec((192, 13, 13), "chw") == {} and decoders.spec((1000,), "vector") == {}
+    assert decoders.spec((14, 14, 384), "hwc") == {"layout": "hwc"}
+    with pytest.raises(ValueError, match="cannot be in layout"):
+        decoders.Decoder((197, 768), layout="chw")
+    with pytest.raises(ValueError, match="not 1 \\+ a square grid"):
+        decoders.Decoder((198, 768), layout="cls_tokens")
+
+
+@pytest.mark.parametrize("shape, layout", [((6, 6, 32), "hwc"), ((37, 16), "cls_tokens"), ((192, 13, 13), "chw")])
+def test_load_decoder_rebuilds_the_layout_from_the_checkpoint_spec(tmp_path, shape, layout):
+    from inversion import checkpoints
+    model = decoders.Decoder(shape, layout=layout)
+    model.input_mean.normal_()
+    spec = {"layer": "x", "in_shape": list(shape), **decoders.spec(shape, layout), "width": 0.5, "out_size": 64}
+    torch.save({"model": model.state_dict(), "optimizer": {}, "history": [], "decoder": spec}, tmp_path / "last.pt")
+    loaded, _ = checkpoints.load_decoder(tmp_path / "last.pt")
+    x = torch.randn(2, *shape)
+    assert loaded.layout == layout and torch.equal(loaded(x), model.eval()(x))
