@@ -424,6 +424,49 @@ def _part_files(path, partial=False):
     return sorted(p for p in files if p.name.endswith(".h5") or (partial and p.name.endswith(".h5.partial")))
 
 
+def catalogue(cache_dir):
+    """What `extract_features.py --list-caches` shows: one dict per cache file under `cache_dir`
+    (complete, or `.partial` while written or after an interruption), newest first. Part files of
+    a sharded cache count towards its size; parts without an assembled cache are listed as theirs."""
+    folder = Path(cache_dir)
+    files = sorted(folder.glob("features-*.h5")) + sorted(folder.glob("features-*.h5.partial")) if folder.is_dir() else []
+    mains = [p for p in files if ".part-" not in p.name]
+    orphans = {p.name.split(".part-")[0] for p in files if ".part-" in p.name} - {p.name for p in mains}
+    entries = [_describe(p, files) for p in mains]
+    entries += [_describe(folder / name, files) for name in sorted(orphans)]
+    return sorted(entries, key=lambda e: e["created"], reverse=True)
+
+
+def _describe(path, files):
+    base = path.name.removesuffix(".partial")
+    parts = [p for p in files if p.name.startswith(base + ".part-")]
+    source = path if path.exists() else parts[0]
+    entry = {"path": path, "name": base, "bytes": sum(p.stat().st_size for p in {*parts, path} if p.exists()),
+             "created": "", "status": "unreadable"}
+    try:
+        with h5py.File(source, "r", locking=False) as f:  # a writer may hold it: read the attributes only
+            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            cfg = attrs["config"]
+            splits = {split: (int(f[split].attrs["done"]), len(f[split]["labels"])) for split in SPLITS}
+            root = f["train/paths"][0].decode().split("/")[0] if len(f["train/paths"]) else "?"
+    except (OSError, RuntimeError, KeyError, ValueError, IndexError) as e:
+        entry["status"] = f"unreadable ({storage.reason(e)})"
+        return entry
+    done, total = sum(d for d, _ in splits.values()), sum(n for _, n in splits.values())
+    if source is path and path.name.endswith(".h5") and attrs.get("complete") and read_attrs(path) is not None:
+        status = "complete" + (f" ({len(parts)} part files)" if parts else "")
+    elif source is path:
+        status = f"partial: {done:,} of {total:,} images"
+    else:
+        status = f"partial: {sum(read_attrs(p) is not None for p in parts)} of {len(parts)} part files complete"
+    return {**entry, "status": status, "created": attrs.get("created", ""),
+            "data": f"{root} ({cfg['data.format']}, content {attrs['sources']['data'][:8]})",
+            "image_size": cfg["data.image_size"], "classes": len(attrs["class_wnids"]),
+            "splits": {split: n for split, (_, n) in splits.items()},
+            "encoder": attrs["encoder"], "input_size": cfg["encoder.input_size"], "layers": attrs["layers"],
+            "dtype": cfg["cache.dtype"], "compression": compression_of(attrs), "seed": cfg["seed"]}
+
+
 def open_for(cfg, layers=()):
     """The complete cache for this config, read-only, with the requested layers; else a UserError."""
     path = path_for(cfg)

@@ -466,3 +466,37 @@ def test_training_streamed_from_a_compressed_cache_has_the_uncompressed_history(
         runs[compression] = training.train(run, ["fc8"])["fc8"]  # 18 rows: one block uncompressed, 16 + 2 compressed
     strip = lambda history: [{k: v for k, v in h.items() if k not in ("seconds", "samples_per_s")} for h in history]
     assert strip(runs["blosc2-zstd"]) == strip(runs["none"]) and len(runs["none"]) == 2
+
+
+def test_list_caches_tells_them_apart_and_marks_this_configs(built, tmp_path):
+    from typer.testing import CliRunner
+
+    import extract_features
+
+    cfg, reference = built
+    folder = tmp_path / "caches"
+    lzf = extraction.extract(dict(cfg, **{"cache.dir": str(folder), "cache.compression": "lzf", "seed": 1}))
+    shutil.copy(reference, folder / reference.name)
+    partial = folder / "features-0123456789abcdef.h5.partial"
+    shutil.copy(reference, partial)
+    with h5py.File(partial, "r+") as f:
+        f.attrs["complete"], f["train"].attrs["done"], f["eval"].attrs["done"] = False, 10, 0
+    args = [a for key in ("data.path", "encoder.weights", "split.num_classes", "split.eval_per_class",
+                          "split.train_per_class", "cache.dtype") for a in ("--set", f"{key}={cfg[key]}")]
+    (tmp_path / "c.yaml").write_text("{}\n")
+    result = CliRunner().invoke(extract_features.app, ["--list-caches", "--config", str(tmp_path / "c.yaml"),
+                                                       "--set", f"cache.dir={folder}", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    blocks, table = [[]], result.output[result.output.index("┡"):result.output.index("└")].splitlines()[1:]
+    for line in table:  # one block of lines per cache, between the rules
+        blocks.append([]) if line.startswith("├") else blocks[-1].append(line.split("│")[1:-1])
+    text = {"".join(cells[1] for cells in block).split()[0]: " ".join(" ".join(c.strip() for c in cells) for cells in block)
+            for block in blocks}
+    assert set(text) == {reference.name, lzf.name, partial.name}, result.output
+    assert all("AlexNet random init, not ImageNet-pretrained" in t and "3 classes, 64x64 px" in t
+               and "18 train + 6 eval images" in t and "conv2, conv5, fc6, fc8" in t for t in text.values())
+    assert "compression lzf" in text[lzf.name] and "seed 1" in text[lzf.name] and "complete" in text[lzf.name]
+    assert "float32, compression none" in text[reference.name] and "partial: 10 of 24 images" in text[partial.name]
+    marked = [line for line in result.output.splitlines() if line.startswith("│ * ")]
+    assert len(marked) == 1 and reference.name in marked[0]
+    assert f"3 caches" in result.output.splitlines()[-1] and reference.name in result.output.splitlines()[-1]
