@@ -234,6 +234,7 @@ class Writer:
             f = h5py.File(self.partial, "a")
             if f.attrs.get("cache_hash") == cache_hash and all(s in f for s in SPLITS):
                 if _file_compression(f) != "none":
+                    check_readable(self.partial, {"compression": {"setting": _file_compression(f)}})
                     for split in SPLITS:
                         done = int(f[split].attrs["done"])
                         for ds in f[split].values():
@@ -241,7 +242,10 @@ class Writer:
                                 ds[max(0, done - ds.chunks[0]):done]
                 return f
             f.close()
-        except (OSError, RuntimeError, KeyError, ValueError):
+        except UserError:  # kept for a run that has the filter's package
+            f.close()
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError):  # unreadable after a hard kill or a full disk
             if f is not None:
                 try:
                     f.close()
