@@ -304,11 +304,10 @@ def _compression_rows(out, tmp, written, extract_seconds, n, train_n, cached, ba
                      f"{sum(per_image.values()) / 1024:,.1f} KiB/image ("
                      + ", ".join(f"{k} {v / 1024:,.1f}" for k, v in per_image.items())
                      + f"), {extract:,.1f} img/s", ratio, ">= 2" if setting != "none" else ""))
-        rows.append((f"cache.compression={setting}: streamed conv2 read (`stream_samples_per_s_{setting}`) "
-                     f"vs its step; tightest layer {tight}",
-                     f"conv2 {stream['conv2']:,.0f} vs {batch / cached['conv2']:,.0f} samples/s; {tight} "
-                     f"{stream[tight]:,.0f} vs {batch / cached[tight]:,.0f}", stream[tight] * cached[tight] / batch,
-                     ">= 1"))
+        tightest = "" if tight == "conv2" else f"; {tight} (tightest) {stream[tight]:,.0f} vs {batch / cached[tight]:,.0f}"
+        rows.append((f"cache.compression={setting}: streamed read (`stream_samples_per_s_{setting}`: conv2) "
+                     f"vs the training step", f"conv2 {stream['conv2']:,.0f} vs {batch / cached['conv2']:,.0f} "
+                     f"samples/s{tightest}", stream[tight] * cached[tight] / batch, ">= 1"))
     return rows
 
 
