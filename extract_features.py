@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from inversion import config, console, encoder, extraction, feature_cache
+from inversion import config, console, encoder, extraction, feature_cache, storage
 
 app = typer.Typer(add_completion=False)
 
@@ -19,9 +19,13 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
                                           help="Print the encoder's graph nodes a decoder can read, with their "
                                                "layouts and output shapes, and exit."),
          all_nodes: bool = typer.Option(False, "--all-nodes",
-                                        help="With --list-layers: every node, with why no decoder reads the rest.")):
+                                        help="With --list-layers: every node, with why no decoder reads the rest."),
+         list_caches: bool = typer.Option(False, "--list-caches",
+                                          help="List every cache under cache.dir, marking this config's, and exit.")):
     cfg = config.load(config_path, overrides)
-    if list_layers:
+    if list_caches:
+        print_caches(cfg)
+    elif list_layers:
         print_nodes(cfg, all_nodes)
     else:
         extraction.extract(cfg)
@@ -49,6 +53,33 @@ def print_nodes(cfg, all_nodes=False):
     console.console.print(f"{len(shown)} of {len(listed)} nodes listed"
                           + (f"; {hidden} more are not one per-image tensor in a layout a decoder reads "
                              f"(--all-nodes shows them and why)" if hidden else ""), soft_wrap=True)
+
+
+def print_caches(cfg):
+    """A table of the caches under cache.dir, newest first; `*` marks the one this config reads or builds
+    (by its name: whether it is still current for the data and encoder is checked when it is used)."""
+    entries = feature_cache.catalogue(cfg["cache.dir"])
+    if not entries:
+        console.console.print(f"no caches under {cfg['cache.dir']}")
+        return
+    mine = feature_cache.path_for(cfg).name
+    table = Table(title=f"feature caches under {cfg['cache.dir']} (* = this config's)", show_lines=True)
+    for column in ("", "file", "data", "encoder", "features"):
+        table.add_column(column, overflow="fold", min_width=29 if column == "file" else None)
+    for e in entries:
+        file = f"{e['path'].name}\n{storage.size_text(e['bytes'])}, {e['status']}\n{e['created'].replace('T', ' ')[:16]}"
+        if "data" not in e:
+            table.add_row("*" if e["name"] == mine else "", file, "", "", "")
+            continue
+        table.add_row("*" if e["name"] == mine else "", file,
+                      f"{e['data']}\n{e['classes']} classes, {e['image_size']}x{e['image_size']} px\n"
+                      f"{e['splits']['train']:,} train + {e['splits']['eval']:,} eval images (seed {e['seed']})",
+                      f"{encoder.describe(e['encoder'])}\n{e['input_size']} px input",
+                      f"{', '.join(e['layers'])}\n{e['dtype']}, compression {e['compression']}")
+    console.console.print(table)
+    console.console.print(f"{len(entries)} caches, {storage.size_text(sum(e['bytes'] for e in entries))}; "
+                          + (f"this config's: {mine}" if any(e["name"] == mine for e in entries)
+                             else f"this config's ({mine}) is not built yet"), soft_wrap=True)
 
 
 if __name__ == "__main__":

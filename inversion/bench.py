@@ -98,10 +98,14 @@ def run(images=512, batch=64, steps=5, device="auto"):
                 rows.append((f"read conv2 training batches ({'in memory' if mode == 'memory' else 'streamed from HDF5'})",
                              f"{rate:,.0f} samples/s", None, ""))
 
-            rate = out["write_mb_per_s"] = _write_rate(cache, job, tmp / "write.h5", batch)
+            written = {setting: _write_seconds(cache, job, tmp / f"write-{setting}.h5", batch, setting)
+                       for setting in feature_cache.COMPRESSIONS}
+            train_n = len(cache["train"]["images"])
+            rate = out["write_mb_per_s"] = train_n * _bytes_per_image(cache) / written["none"] / 1e6
             rows.append(("cache writer, HDF5 (`write_mb_per_s`)",
                          f"{rate:,.0f} MB/s (extraction above needs {extract_rate * _bytes_per_image(cache) / 1e6:,.1f})",
                          None, ""))
+            rows += _compression_rows(out, tmp, written, n / extract_rate, n, train_n, cached, batch, device)
 
         rates = {}
         for workers in (1, 2):
@@ -281,22 +285,50 @@ def _bytes_per_image(cache):
     return sum(group[k][0].nbytes for k in ("images", *config.LAYERS))
 
 
-def _write_rate(cache, job, path, batch):
-    """MB/s (10^6 bytes) the cache writer stores: the bench's images and features written again,
-    batch by batch, into a new file, flushed as extraction does."""
+def _compression_rows(out, tmp, written, extract_seconds, n, train_n, cached, batch, device):
+    """Per cache.compression setting, from the training split written again with it: file size
+    against the uncompressed one, extraction images/s (the uncompressed extraction plus the extra
+    writer time, scaled to all n images), and training input streamed from it against the steps
+    it feeds (conv2 in the keys, the tightest layer in the table)."""
+    rows, base = [], tmp / "write-none.h5"
+    for setting, seconds in written.items():
+        path = tmp / f"write-{setting}.h5"
+        ratio = out[f"cache_ratio_{setting}"] = base.stat().st_size / path.stat().st_size
+        extract = out[f"extract_img_per_s_{setting}"] = n / (extract_seconds + (seconds - written["none"]) * n / train_n)
+        with feature_cache.Cache(path, feature_cache.read_attrs(path)) as cache:
+            per_image = {name: ds.id.get_storage_size() / train_n for name, ds in cache["train"].items()
+                         if name in ("images", *config.LAYERS)}
+            stream = {layer: _read_rate(cache, layer, batch, "hdf5", device) for layer in config.LAYERS}
+        out[f"stream_samples_per_s_{setting}"] = stream["conv2"]
+        tight = min(config.LAYERS, key=lambda layer: stream[layer] * cached[layer] / batch)
+        rows.append((f"cache.compression={setting}: size ratio (`cache_ratio_{setting}`), extraction",
+                     f"{sum(per_image.values()) / 1024:,.1f} KiB/image ("
+                     + ", ".join(f"{k} {v / 1024:,.1f}" for k, v in per_image.items())
+                     + f"), {extract:,.1f} img/s", ratio, ">= 2" if setting != "none" else ""))
+        tightest = "" if tight == "conv2" else f"; {tight} (tightest) {stream[tight]:,.0f} vs {batch / cached[tight]:,.0f}"
+        rows.append((f"cache.compression={setting}: streamed read (`stream_samples_per_s_{setting}`: conv2) "
+                     f"vs the training step", f"conv2 {stream['conv2']:,.0f} vs {batch / cached['conv2']:,.0f} "
+                     f"samples/s{tightest}", stream[tight] * cached[tight] / batch, ">= 1"))
+    return rows
+
+
+def _write_seconds(cache, job, path, batch, compression="none"):
+    """Seconds the cache writer takes to store the bench's training images and features again,
+    batch by batch, into a new file with this compression, flushed as extraction does."""
     group = cache["train"]
     n = len(group["images"])
     shapes = {layer: group[layer].shape[1:] for layer in config.LAYERS}
     meta = {name: ([0] * n, ["x"] * n, ["x"] * n) for name in feature_cache.SPLITS}  # eval stays empty
     arrays = {k: group[k][()] for k in ("images", *config.LAYERS)}
-    writer = feature_cache.Writer(path, job.attrs, meta, shapes, group["conv2"].dtype, arrays["images"].shape[1])
+    writer = feature_cache.Writer(path, job.attrs, meta, shapes, group["conv2"].dtype, arrays["images"].shape[1],
+                                  compression)
     t0 = time.perf_counter()
     for start in range(0, n, batch):
         stop = min(start + batch, n)
         writer.write("train", start, arrays["images"][start:stop],
                      {layer: arrays[layer][start:stop] for layer in config.LAYERS})
     writer.finish()
-    return n * _bytes_per_image(cache) / (time.perf_counter() - t0) / 1e6
+    return time.perf_counter() - t0
 
 
 def _step_time(step, steps, device):

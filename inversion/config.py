@@ -37,6 +37,8 @@ SCHEMA = {
                "`all` or a non-empty list of layer names"),
     "cache.dir": ("cache", str, None, "a folder path"),
     "cache.dtype": ("float16", str, lambda v: v in ("float16", "float32"), "float16 or float32"),
+    # Not in CACHE_KEYS: the values are the same, so a cache of any compression is a hit for every setting.
+    "cache.compression": ("none", str, lambda v: v in ("none", "lzf", "blosc2-zstd"), "none, lzf or blosc2-zstd"),
     "extract.batch_size": (64, int, lambda v: v >= 1, "an integer >= 1"),
     "extract.workers": ("auto", (str, int), lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
                         "auto or an integer >= 1"),

@@ -54,7 +54,10 @@ def prepare(cfg):
             layout != decoders.default_layout(shape) for shape, layout in found.values())
         hit = bool(existing) and existing["cache_hash"] == attrs["cache_hash"] and not unrecorded
     if hit:
-        console.print(f"cache hit: {path} ({path.stat().st_size / 2**20:,.1f} MiB, checked in {timer.seconds:.1f} s)")
+        kept = feature_cache.compression_of(existing)
+        other = "" if kept == cfg["cache.compression"] else f"; cache.compression={cfg['cache.compression']} applies to new caches"
+        console.print(f"cache hit: {path} ({path.stat().st_size / 2**20:,.1f} MiB, compression {kept}{other}, "
+                      f"checked in {timer.seconds:.1f} s)", soft_wrap=True)
     elif unrecorded:
         warn(f"{path} does not record how its layers are laid out; rebuilding it")
     elif existing:
@@ -121,7 +124,8 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
     taps = encoder.extractor(job.model, arch, layers).to(device)
     image_size = cfg["data.image_size"]
     _show_size(job.shapes, len(job.split.train) + len(job.split.eval), image_size, cfg["cache.dtype"])
-    writer = feature_cache.Writer(target, attrs, _meta(job, items), job.shapes, cfg["cache.dtype"], image_size)
+    writer = feature_cache.Writer(target, attrs, _meta(job, items), job.shapes, cfg["cache.dtype"], image_size,
+                                  cfg["cache.compression"])
     dtype = getattr(torch, cfg["cache.dtype"])
     total = sum(len(part) for part in items.values())
     done_before = writer.done("train") + writer.done("eval")
@@ -129,8 +133,9 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
         console.print(f"resuming {writer.partial}: {done_before:,} of {total:,} images already extracted")
     batch_size, workers = cfg["extract.batch_size"], decode_workers(cfg["extract.workers"], device)
     console.print(f"extracting {', '.join(layers)} on {runtime.describe_device(device)}, batch {batch_size}, "
+                  f"compression {writer.compression}, "
                   f"decoding in {workers} {'thread' if workers == 1 else 'processes'}"
-                  + (f", {world} ranks (rate shown: this rank's x {world})" if world > 1 else ""))
+                  + (f", {world} ranks (rate shown: this rank's x {world})" if world > 1 else ""), soft_wrap=True)
     finished = False
     try:
         with Timer() as timer, progress() as bar, data.BatchDecoder(job.dataset, image_size, workers) as decoder:

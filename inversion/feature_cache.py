@@ -12,6 +12,10 @@ maps and vectors only.
 
 A file is named by the hash of the settings that shape it and only gets that name when complete;
 while it is written it is `<name>.partial`, which a re-run resumes.
+
+Compression (`cache.compression`, see COMPRESSIONS) is a property of the file, not of its name: the
+values are the same, so a cache written with any setting is a hit for every setting. Its root
+attribute `compression` says which HDF5 filter a reader needs (absent in older files: none).
 """
 
 import json
@@ -21,6 +25,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+try:  # registers the Blosc2 filter with HDF5 for this process; only blosc2-zstd caches need it
+    import hdf5plugin
+except ImportError:
+    hdf5plugin = None
+
 from . import config, storage
 from .errors import UserError
 
@@ -29,6 +38,14 @@ SPLITS = ("train", "eval")
 ATTRS = ("format_version", "config_hash", "cache_hash", "config", "sources", "encoder",
          "class_wnids", "class_names", "layers", "layouts", "versions", "created", "complete")
 CHUNK_BYTES = 1 << 21  # ~2 MiB per chunk: large sequential reads, small enough to shuffle blocks
+
+# cache.compression -> what a reader needs: the HDF5 filter and the package that provides it.
+# lzf and shuffle are built into h5py; Blosc2 comes from hdf5plugin (pip install hdf5plugin).
+COMPRESSIONS = {
+    "none": None,
+    "lzf": {"filter": "lzf with byte shuffle", "hdf5_filter_id": 32000, "package": "h5py"},
+    "blosc2-zstd": {"filter": "Blosc2 (zstd level 1, byte shuffle)", "hdf5_filter_id": 32026, "package": "hdf5plugin"},
+}
 
 
 def config_hash(cfg):
@@ -44,20 +61,52 @@ def content_hash(cfg, sources):
     return config.digest({"config": config_hash(cfg), "sources": sources})
 
 
-class Writer:
-    """Writes a cache under `<path>.partial`, resuming one whose sources match, then renames it."""
+def compression_of(attrs):
+    """The cache.compression a cache (its root attributes) was written with; older caches: none."""
+    return (attrs.get("compression") or {}).get("setting", "none")
 
-    def __init__(self, path, attrs, meta, shapes, dtype, image_size=64):
+
+def _file_compression(f):
+    return compression_of({"compression": _decode(f.attrs.get("compression", "{}"))})
+
+
+def check_readable(path, attrs):
+    """A one-line UserError, naming the filter and its package, if this process cannot decompress the cache."""
+    setting = compression_of(attrs)
+    if setting == "blosc2-zstd" and hdf5plugin is None:
+        raise UserError(f"cache {path} is compressed with {COMPRESSIONS[setting]['filter']}, HDF5 filter "
+                        f"{COMPRESSIONS[setting]['hdf5_filter_id']}, which h5py reads only with the hdf5plugin "
+                        f"package: pip install hdf5plugin")
+
+
+class Writer:
+    """Writes a cache under `<path>.partial`, resuming one whose sources match, then renames it.
+
+    Uncompressed (`none`), every chunk has its place from the start and a batch is written in place.
+    Compressed, a chunk's size is known only once it is compressed, so chunks get their place when
+    written; to write each chunk exactly once (never re-compressed, never moved), all datasets of a
+    split share one number of rows per chunk and rows are held in memory until a chunk is whole
+    (`done` then counts whole chunks; the split's last chunk goes when its last row comes). The file
+    never reuses freed space (fs_strategy none), so data written after the last flush cannot
+    overwrite anything that flush's metadata points to; see `_resume` for the check on resuming.
+    """
+
+    def __init__(self, path, attrs, meta, shapes, dtype, image_size=64, compression="none"):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.datasets, self.chunking = {}, []
+        self.datasets, self.chunking, self.pending = {}, [], {}
         self.file = self._resume(attrs["cache_hash"])
         created = self.file is None
         try:
             if created:
-                self.file = h5py.File(self.partial, "w")
-                self._create(self.file, attrs, meta, shapes, dtype, image_size)
+                if compression != "none":
+                    _filter_options(compression)  # a missing package is a UserError before any file exists
+                self.file = h5py.File(self.partial, "w", **({} if compression == "none" else {"fs_strategy": "none"}))
+                attrs = {**attrs, "compression": json.dumps({"setting": compression, **(COMPRESSIONS[compression] or {})},
+                                                            sort_keys=True)}
+                self._create(self.file, attrs, meta, shapes, dtype, image_size, compression)
+            self.compression = _file_compression(self.file)
             storage.check_free_space(self.path.parent, self._space({s: (self.done(s), None) for s in SPLITS}),
                                      f"the cache {self.path}", "free some space or set cache.dir to a larger disk")
         except storage.DiskError:  # refused before writing any data: leave the disk as it was
@@ -69,7 +118,9 @@ class Writer:
             self._abandon(e)
 
     def done(self, split):
-        return int(self.file[split].attrs["done"])
+        """Rows of `split` on disk, plus those held for a compressed chunk not yet whole."""
+        held = self.pending.get(split)
+        return int(self.file[split].attrs["done"]) + (len(held["images"]) if held else 0)
 
     def write(self, split, start, images, features):
         """Rows [start, start + len(images)) of every dataset; `done` moves only once they are on disk.
@@ -77,21 +128,43 @@ class Writer:
         A disk about to fill is refused before HDF5 sees it; one that fills anyway is a DiskError
         with the `.partial` file kept for the next run to resume (see `_abandon`).
         """
-        stop = start + len(images)
+        if self.compression != "none":
+            start, stop, rows = self._whole_chunks(split, start, {"images": images, **features})
+            if stop == start:
+                return
+        else:
+            stop, rows = start + len(images), {"images": images, **features}
         storage.check_free_space(self.path.parent, self._space({split: (start, stop)}),
                                  f"the next batch of {self.path.name}", f"{self.partial} is kept: free some "
                                  f"space and re-run to resume")
         try:
-            self._dataset(split, "images")[start:stop] = images
-            for layer, values in features.items():
-                self._dataset(split, layer)[start:stop] = values
+            for name, values in rows.items():
+                self._dataset(split, name)[start:stop] = values
             self.file.flush()
             self.file[split].attrs["done"] = stop
             self.file.flush()
         except (OSError, RuntimeError) as e:
             self._abandon(e)
 
+    def _whole_chunks(self, split, start, rows):
+        """Hold rows until they fill whole chunks: returns (start, stop, rows) of what may be written
+        now (stop == start: nothing yet). The split's last rows complete its last chunk."""
+        on_disk = int(self.file[split].attrs["done"])
+        held = self.pending.pop(split, None)
+        if held is not None:
+            rows = {name: np.concatenate([held[name], values]) for name, values in rows.items()}
+        if start != on_disk + (0 if held is None else len(held["images"])):
+            raise ValueError(f"rows of {split} must come in order: got {start}, expected {self.done(split)}")
+        n, per_chunk = len(self.file[split]["images"]), self.file[split]["images"].chunks[0]
+        count = len(rows["images"])
+        whole = count if on_disk + count == n else count - count % per_chunk
+        if whole < count:
+            self.pending[split] = {name: values[whole:] for name, values in rows.items()}
+        return on_disk, on_disk + whole, {name: values[:whole] for name, values in rows.items()}
+
     def finish(self):
+        if self.pending:  # rows still held: the file must not be marked complete without them
+            raise ValueError(f"{self.partial}: rows of {', '.join(self.pending)} were never written")
         try:
             self.file.attrs["complete"] = True
             self.file.flush()
@@ -136,9 +209,12 @@ class Writer:
 
     def _space(self, rows):
         """Disk space that writing rows {split: (start, stop or None = to the end)} may take: every
-        chunk those rows touch, whole (the file is sparse until written), plus 1 MiB of headroom."""
+        chunk those rows touch, whole (the file is sparse until written), plus 1 MiB of headroom.
+        A compressed chunk is at most its raw size plus the filter's header (Blosc2: 32 bytes; lzf
+        stores a chunk raw where it does not shrink) and the chunk index's growth: 4 KiB covers both."""
         if not self.chunking:  # (split, rows, rows per chunk, bytes per chunk) of each chunked dataset
-            self.chunking = [(split, len(ds), ds.chunks[0], ds.dtype.itemsize * int(np.prod(ds.chunks)))
+            extra = 0 if self.compression == "none" else 4096
+            self.chunking = [(split, len(ds), ds.chunks[0], ds.dtype.itemsize * int(np.prod(ds.chunks)) + extra)
                              for split in SPLITS for ds in self.file[split].values() if ds.chunks]
         total = 1 << 20
         for split, n, rows_per_chunk, chunk_bytes in self.chunking:
@@ -150,22 +226,42 @@ class Writer:
         return total
 
     def _resume(self, cache_hash):
+        """The partial file to continue, or None (removed) if it is another cache's or unreadable.
+        A compressed one must also decompress its last written chunk of every dataset: a kill
+        during a flush can leave a chunk index that points past what reached the disk."""
         if not self.partial.exists():
             return None
+        f = None
         try:
             f = h5py.File(self.partial, "a")
             if f.attrs.get("cache_hash") == cache_hash and all(s in f for s in SPLITS):
+                if _file_compression(f) != "none":
+                    check_readable(self.partial, {"compression": {"setting": _file_compression(f)}})
+                    for split in SPLITS:
+                        done = int(f[split].attrs["done"])
+                        for ds in f[split].values():
+                            if done and ds.chunks:
+                                ds[max(0, done - ds.chunks[0]):done]
                 return f
             f.close()
-        except (OSError, RuntimeError, KeyError):
-            pass  # unreadable after a hard kill or a full disk: start over
+        except UserError:  # kept for a run that has the filter's package
+            f.close()
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError):  # unreadable after a hard kill or a full disk
+            if f is not None:
+                try:
+                    f.close()
+                except (OSError, RuntimeError):
+                    pass
         self.partial.unlink()
         return None
 
-    def _create(self, f, attrs, meta, shapes, dtype, image_size):
+    def _create(self, f, attrs, meta, shapes, dtype, image_size, compression="none"):
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["complete"] = False
+        sizes = {"images": ((image_size, image_size, 3), np.dtype(np.uint8)),
+                 **{layer: (tuple(shape), np.dtype(dtype)) for layer, shape in shapes.items()}}
         for split in SPLITS:
             labels, wnids, paths = meta[split]
             n = len(labels)
@@ -174,14 +270,30 @@ class Writer:
             group["labels"] = np.asarray(labels, dtype=np.int64)
             group["wnids"] = np.asarray(wnids, dtype=h5py.string_dtype())
             group["paths"] = np.asarray(paths, dtype=h5py.string_dtype())
-            image = (image_size, image_size, 3)
-            group.create_dataset("images", (n, *image), np.uint8, chunks=_chunks(n, image, 1),
-                                 dcpl=_allocated_up_front())
-            for layer, shape in shapes.items():
-                size = np.dtype(dtype).itemsize
-                group.create_dataset(layer, (n, *shape), dtype, chunks=_chunks(n, shape, size),
-                                     dcpl=_allocated_up_front())
+            if compression == "none":
+                for name, (shape, kind) in sizes.items():
+                    group.create_dataset(name, (n, *shape), kind, chunks=_chunks(n, shape, kind.itemsize),
+                                         dcpl=_allocated_up_front())
+                continue
+            # One number of rows per chunk for every dataset, that of the largest sample (conv2:
+            # 32 rows in float16), so that whole chunks of all datasets fill at the same row.
+            rows = min(_chunks(n, shape, kind.itemsize)[0] for shape, kind in sizes.values())
+            for name, (shape, kind) in sizes.items():
+                group.create_dataset(name, (n, *shape), kind, chunks=(rows, *shape),
+                                     **_filter_options(compression))
         f.flush()
+
+
+def _filter_options(compression):
+    """create_dataset's filter arguments for a cache.compression setting (byte shuffle: per dtype)."""
+    if compression == "lzf":
+        return {"compression": "lzf", "shuffle": True}
+    if compression == "blosc2-zstd":
+        if hdf5plugin is None:
+            raise UserError(f"cache.compression: blosc2-zstd needs the hdf5plugin package (pip install "
+                            f"hdf5plugin), or set cache.compression to lzf or none")
+        return dict(hdf5plugin.Blosc2(cname="zstd", clevel=1, filters=hdf5plugin.Blosc2.SHUFFLE))
+    raise ValueError(f"unknown compression {compression!r}")
 
 
 def _allocated_up_front():
@@ -238,7 +350,7 @@ def read_attrs(path):
         with h5py.File(path, "r") as f:
             if not f.attrs.get("complete", False):
                 return None
-            attrs = {k: _decode(f.attrs[k]) for k in (*ATTRS, "parts") if k in f.attrs}
+            attrs = {k: _decode(f.attrs[k]) for k in (*ATTRS, "parts", "compression") if k in f.attrs}
     except OSError:
         return None
     for part in attrs.get("parts", []):
@@ -285,6 +397,8 @@ def assemble(path, attrs, meta, parts):
             for key, value in attrs.items():
                 f.attrs[key] = value
             f.attrs["parts"] = json.dumps([Path(p).name for p in parts])
+            if "compression" in sources[0].attrs:  # the parts' own (a resumed run may have had another setting)
+                f.attrs["compression"] = sources[0].attrs["compression"]
             for split in SPLITS:
                 labels, wnids, paths = meta[split]
                 group = f.create_group(split)
@@ -318,6 +432,49 @@ def _part_files(path, partial=False):
     return sorted(p for p in files if p.name.endswith(".h5") or (partial and p.name.endswith(".h5.partial")))
 
 
+def catalogue(cache_dir):
+    """What `extract_features.py --list-caches` shows: one dict per cache file under `cache_dir`
+    (complete, or `.partial` while written or after an interruption), newest first. Part files of
+    a sharded cache count towards its size; parts without an assembled cache are listed as theirs."""
+    folder = Path(cache_dir)
+    files = sorted(folder.glob("features-*.h5")) + sorted(folder.glob("features-*.h5.partial")) if folder.is_dir() else []
+    mains = [p for p in files if ".part-" not in p.name]
+    orphans = {p.name.split(".part-")[0] for p in files if ".part-" in p.name} - {p.name for p in mains}
+    entries = [_describe(p, files) for p in mains]
+    entries += [_describe(folder / name, files) for name in sorted(orphans)]
+    return sorted(entries, key=lambda e: e["created"], reverse=True)
+
+
+def _describe(path, files):
+    base = path.name.removesuffix(".partial")
+    parts = [p for p in files if p.name.startswith(base + ".part-")]
+    source = path if path.exists() else parts[0]
+    entry = {"path": path, "name": base, "bytes": sum(p.stat().st_size for p in {*parts, path} if p.exists()),
+             "created": "", "status": "unreadable"}
+    try:
+        with h5py.File(source, "r", locking=False) as f:  # a writer may hold it: read the attributes only
+            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            cfg = attrs["config"]
+            splits = {split: (int(f[split].attrs["done"]), len(f[split]["labels"])) for split in SPLITS}
+            root = f["train/paths"][0].decode().split("/")[0] if len(f["train/paths"]) else "?"
+    except (OSError, RuntimeError, KeyError, ValueError, IndexError) as e:
+        entry["status"] = f"unreadable ({storage.reason(e)})"
+        return entry
+    done, total = sum(d for d, _ in splits.values()), sum(n for _, n in splits.values())
+    if source is path and path.name.endswith(".h5") and attrs.get("complete") and read_attrs(path) is not None:
+        status = "complete" + (f" ({len(parts)} part files)" if parts else "")
+    elif source is path:
+        status = f"partial: {done:,} of {total:,} images"
+    else:
+        status = f"partial: {sum(read_attrs(p) is not None for p in parts)} of {len(parts)} part files complete"
+    return {**entry, "status": status, "created": attrs.get("created", ""),
+            "data": f"{root} ({cfg['data.format']}, content {attrs['sources']['data'][:8]})",
+            "image_size": cfg["data.image_size"], "classes": len(attrs["class_wnids"]),
+            "splits": {split: n for split, (_, n) in splits.items()},
+            "encoder": attrs["encoder"], "input_size": cfg["encoder.input_size"], "layers": attrs["layers"],
+            "dtype": cfg["cache.dtype"], "compression": compression_of(attrs), "seed": cfg["seed"]}
+
+
 def open_for(cfg, layers=()):
     """The complete cache for this config, read-only, with the requested layers; else a UserError."""
     path = path_for(cfg)
@@ -329,6 +486,7 @@ def open_for(cfg, layers=()):
     if missing:
         raise UserError(f"cache {path} has no layer {missing[0]!r} (it has {', '.join(attrs['layers'])}); "
                         f"add it to `layers` and re-run extract_features.py")
+    check_readable(path, attrs)
     return Cache(path, attrs)
 
 
@@ -338,7 +496,10 @@ class Cache:
     def __init__(self, path, attrs):
         self.path = Path(path)
         self.attrs = attrs
-        self.file = h5py.File(path, "r")
+        # Compressed: room for a few decompressed chunks per dataset, so reading rows one at a time
+        # (render, optimisation) decompresses each chunk once, not once per row.
+        cache = {} if compression_of(attrs) == "none" else {"rdcc_nbytes": 4 * CHUNK_BYTES}
+        self.file = h5py.File(path, "r", **cache)
 
     def __getitem__(self, key):
         return self.file[key]
@@ -365,11 +526,13 @@ class Cache:
 def stream(x, y, batch_size, buffer_size, rng, rank=0, world=1):
     """Batches (x, y) from HDF5 in shuffled contiguous blocks, mixed in a shuffle buffer.
 
-    Reads whole chunks in sequence, so memory is bounded by the buffer, not the split. Under
-    torchrun, rank r reads only every world-th block of the same seeded block order.
+    Reads blocks of an uncompressed cache's chunk (~2 MiB) in sequence, so memory is bounded by the
+    buffer, not the split. The blocks do not follow the file's own chunks (compressed caches and
+    virtual datasets chunk otherwise), so a split streams in the same order from every cache of it.
+    Under torchrun, rank r reads only every world-th block of the same seeded block order.
     """
     n = len(x)
-    block = (x.chunks or _chunks(n, x.shape[1:], x.dtype.itemsize))[0]  # virtual datasets have no chunks
+    block = _chunks(n, x.shape[1:], x.dtype.itemsize)[0]
     starts = rng.permutation(np.arange(0, n, block))[rank::world]
     buf_x, buf_y = [], []
     held = 0

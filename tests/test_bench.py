@@ -10,7 +10,9 @@ import bench as bench_cli
 KEYS = {"extract_vs_forward", "orig_vs_cached_conv2", "orig_vs_cached_fc6", "online_vs_cached",
         "matmul_gflops_fp32", "matmul_gflops_bf16", "train_flops_fraction", "write_mb_per_s",
         "decode_img_per_s_1_worker", "decode_img_per_s_2_workers", "decode_scaling_2_workers",
-        "extract_rss_ratio_4x", "read_samples_per_s_memory", "read_samples_per_s_hdf5"}
+        "extract_rss_ratio_4x", "read_samples_per_s_memory", "read_samples_per_s_hdf5",
+        *(f"{key}_{setting}" for key in ("cache_ratio", "extract_img_per_s", "stream_samples_per_s")
+          for setting in ("none", "lzf", "blosc2-zstd"))}
 
 
 def test_bench_prints_the_json_figures_last():
@@ -21,3 +23,6 @@ def test_bench_prints_the_json_figures_last():
     optional = {"matmul_gflops_bf16"}  # null on a CPU without a fast bf16 kernel
     assert all(figures[k] > 0 and math.isfinite(figures[k]) for k in KEYS - optional)
     assert all(figures[k] is None or figures[k] > 0 for k in optional)
+    # Post-ReLU features hold zeros even on synthetic images: both filters shrink the cache.
+    assert figures["cache_ratio_none"] == 1.0
+    assert figures["cache_ratio_lzf"] > 1.1 and figures["cache_ratio_blosc2-zstd"] > 1.1

@@ -321,3 +321,182 @@ def test_a_small_filesystem_filling_midway_keeps_a_partial_that_resumes(built, t
     extraction.extract(dict(cfg, **{"cache.dir": str(tmp_path / "cache")}))  # with room
     assert "resuming" in capsys.readouterr().err
     assert_same_cache(tmp_path / "cache" / reference.name, reference)
+
+
+@pytest.mark.parametrize("compression", ["lzf", "blosc2-zstd"])
+def test_compressed_cache_holds_the_uncompressed_values_under_the_same_name(built, tmp_path, capsys, compression):
+    cfg, reference = built
+    cfg = dict(cfg, **{"cache.dir": str(tmp_path), "cache.compression": compression})
+    path = extraction.extract(cfg)
+    assert path.name == reference.name  # compression is not in the name: either is a hit for the other
+    with h5py.File(path) as f:
+        assert f["train/conv2"].compression is not None and f["eval/images"].compression is not None
+        assert f["train/conv2"].chunks[0] == f["train/fc8"].chunks[0] == f["train/images"].chunks[0]
+    assert path.stat().st_size < 0.7 * reference.stat().st_size
+    assert_same_cache(path, reference)
+    with feature_cache.open_for(cfg, cfg["layers"]) as cache:
+        assert feature_cache.compression_of(cache.attrs) == compression
+        np.testing.assert_array_equal(cache["train"]["fc6"][[1, 7, 16]], cache.load("train", "fc6")[[1, 7, 16]])
+    capsys.readouterr()
+    assert extraction.extract(dict(cfg, **{"cache.compression": "none"})) == path
+    assert f"compression {compression}; cache.compression=none applies to new caches" in capsys.readouterr().err
+
+
+def test_streamed_batches_are_the_same_from_a_compressed_cache(built, tmp_path):
+    """Blocks follow the uncompressed chunking, not the file's: the order is the cache's, not its format's."""
+    cfg, reference = built
+    compressed = extraction.extract(dict(cfg, **{"cache.dir": str(tmp_path), "cache.compression": "lzf"}))
+    with h5py.File(compressed) as a, h5py.File(reference) as b:
+        assert a["train/fc6"].chunks != b["train/fc6"].chunks
+        for layer in ("conv2", "fc6"):
+            got, want = ([bx for bx, _ in feature_cache.stream(f["train"][layer], f["train/images"], 4, 8,
+                                                               np.random.default_rng(3))] for f in (a, b))
+            assert len(got) == len(want) and all((g == w).all() for g, w in zip(got, want))
+
+
+def test_compressed_writer_holds_rows_until_chunks_are_whole_and_resumes(built, tmp_path, monkeypatch):
+    """An interrupted compressed cache keeps its whole chunks (16 float32 conv2 rows) and resumes after them."""
+    cfg, reference = built
+    cfg = dict(cfg, **{"cache.dir": str(tmp_path), "cache.compression": "blosc2-zstd", "extract.batch_size": 4})
+    target = feature_cache.path_for(cfg)
+    partial = target.with_name(target.name + ".partial")
+    real_write, calls = feature_cache.Writer.write, []
+
+    def write_then_die(self, *args):
+        real_write(self, *args)
+        calls.append(int(self.file["train"].attrs["done"]))  # on disk, not held
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(feature_cache.Writer, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        extraction.extract(cfg)
+    assert calls == [0, 0, 0, 16, 18]  # 4, 8, 12 rows held; 16 = one chunk; 18 = the split's last rows
+    assert not target.exists() and feature_cache.read_attrs(partial) is None
+    monkeypatch.undo()
+    with h5py.File(partial, "r+") as f:  # as if killed after the first chunk
+        f["train"].attrs["done"], f["eval"].attrs["done"] = 16, 0
+    extraction.extract(dict(cfg, **{"extract.batch_size": 5}))  # 5 per batch from row 16: rows 16-17 end the split
+    with h5py.File(target) as f:
+        assert f["train/conv2"].compression is not None
+    with h5py.File(target) as a, h5py.File(reference) as b:  # another batch size: features to float precision
+        for split in feature_cache.SPLITS:
+            for key in ("images", "labels"):
+                np.testing.assert_array_equal(a[split][key][()], b[split][key][()])
+            for layer in cfg["layers"]:
+                np.testing.assert_allclose(a[split][layer][()], b[split][layer][()], rtol=1e-5, atol=1e-5)
+
+
+def test_disk_full_in_a_compressed_write_keeps_a_partial_that_resumes(built, tmp_path, monkeypatch, capsys):
+    cfg, reference = built
+    cfg = dict(cfg, **{"cache.dir": str(tmp_path), "cache.compression": "lzf", "extract.batch_size": 8})
+    target = feature_cache.path_for(cfg)
+    partial = target.with_name(target.name + ".partial")
+    real_setitem, calls = h5py.Dataset.__setitem__, []
+
+    def setitem(self, key, value):
+        calls.append(self.name)
+        if self.name == "/train/fc6" and calls.count("/train/fc6") == 2:  # the second chunk's fc6
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", setitem)
+    with pytest.raises(storage.DiskError, match=re.escape(f"could not write {partial} (No space left on device")):
+        extraction.extract(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]
+    with h5py.File(partial) as f:
+        assert f["train"].attrs["done"] == 16
+    monkeypatch.undo()
+    capsys.readouterr()
+    extraction.extract(cfg)
+    assert "resuming" in capsys.readouterr().err
+    with h5py.File(target) as a, h5py.File(reference) as b:
+        for key in ("train/images", "eval/images", "train/labels"):
+            np.testing.assert_array_equal(a[key][()], b[key][()])
+        for key in ("train/fc6", "eval/conv2"):  # batches of 8, not 5: equal to float precision
+            np.testing.assert_allclose(a[key][()], b[key][()], rtol=1e-5, atol=1e-5)
+
+
+def test_free_space_estimate_bounds_what_a_compressed_cache_takes(built, tmp_path):
+    """Random bytes do not compress: the estimate must still cover the file."""
+    cfg, _ = built
+    rng = np.random.default_rng(0)
+    shapes = {"fc6": (4096,), "conv2": (192, 13, 13)}
+    meta = {name: ([0] * n, ["x"] * n, ["x"] * n) for name, n in (("train", 40), ("eval", 3))}
+    attrs = {"cache_hash": "x"}
+    for compression in ("lzf", "blosc2-zstd"):
+        path = tmp_path / f"{compression}.h5"
+        writer = feature_cache.Writer(path, attrs, meta, shapes, "float16", 64, compression)
+        bound = writer._space({"train": (0, None), "eval": (0, None)})
+        for name, n in (("train", 40), ("eval", 3)):
+            for start in range(0, n, 6):
+                rows = min(6, n - start)
+                writer.write(name, start, rng.integers(0, 256, (rows, 64, 64, 3), dtype=np.uint8),
+                             {k: rng.standard_normal((rows, *s)).astype(np.float16) for k, s in shapes.items()})
+        writer.finish()
+        assert path.stat().st_size <= bound, compression
+
+
+def test_reading_a_blosc2_cache_without_hdf5plugin_is_one_line_naming_it(built, tmp_path):
+    cfg, _ = built
+    cfg = dict(cfg, **{"cache.dir": str(tmp_path), "cache.compression": "blosc2-zstd"})
+    extraction.extract(cfg)
+    code = (f"import sys; sys.modules['hdf5plugin'] = None; sys.path.insert(0, {str(ROOT)!r}); import h5py\n"
+            f"from inversion import feature_cache, errors\n"
+            f"try:\n    feature_cache.open_for({cfg!r})\nexcept errors.UserError as e:\n    print(e)\n"
+            f"with h5py.File({str(feature_cache.path_for(cfg))!r}) as f:\n"
+            f"    try:\n        f['train/fc6'][0]\n    except OSError as e:\n        print('h5py alone:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith(f"cache {feature_cache.path_for(cfg)} is compressed with Blosc2") and \
+        "HDF5 filter 32026" in lines[0] and lines[0].endswith("pip install hdf5plugin"), out
+    assert lines[1].startswith("h5py alone:"), out  # the check is needed: h5py cannot read it either
+
+
+def test_training_streamed_from_a_compressed_cache_has_the_uncompressed_history(built, tmp_path):
+    from inversion import training
+
+    cfg, _ = built
+    runs = {}
+    for compression in ("none", "blosc2-zstd"):
+        run = dict(cfg, **{"cache.dir": str(tmp_path / compression), "output.dir": str(tmp_path / f"out-{compression}"),
+                           "cache.compression": compression, "train.in_memory": False, "train.shuffle_buffer": 8,
+                           "train.epochs": 2})
+        extraction.extract(run)
+        runs[compression] = training.train(run, ["fc8"])["fc8"]  # 18 rows: one block uncompressed, 16 + 2 compressed
+    strip = lambda history: [{k: v for k, v in h.items() if k not in ("seconds", "samples_per_s")} for h in history]
+    assert strip(runs["blosc2-zstd"]) == strip(runs["none"]) and len(runs["none"]) == 2
+
+
+def test_list_caches_tells_them_apart_and_marks_this_configs(built, tmp_path):
+    from typer.testing import CliRunner
+
+    import extract_features
+
+    cfg, reference = built
+    folder = tmp_path / "caches"
+    lzf = extraction.extract(dict(cfg, **{"cache.dir": str(folder), "cache.compression": "lzf", "seed": 1}))
+    shutil.copy(reference, folder / reference.name)
+    partial = folder / "features-0123456789abcdef.h5.partial"
+    shutil.copy(reference, partial)
+    with h5py.File(partial, "r+") as f:
+        f.attrs["complete"], f["train"].attrs["done"], f["eval"].attrs["done"] = False, 10, 0
+    args = [a for key in ("data.path", "encoder.weights", "split.num_classes", "split.eval_per_class",
+                          "split.train_per_class", "cache.dtype") for a in ("--set", f"{key}={cfg[key]}")]
+    (tmp_path / "c.yaml").write_text("{}\n")
+    result = CliRunner().invoke(extract_features.app, ["--list-caches", "--config", str(tmp_path / "c.yaml"),
+                                                       "--set", f"cache.dir={folder}", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    blocks, table = [[]], result.output[result.output.index("┡"):result.output.index("└")].splitlines()[1:]
+    for line in table:  # one block of lines per cache, between the rules
+        blocks.append([]) if line.startswith("├") else blocks[-1].append(line.split("│")[1:-1])
+    text = {"".join(cells[1] for cells in block).split()[0]: " ".join(" ".join(c.strip() for c in cells) for cells in block)
+            for block in blocks}
+    assert set(text) == {reference.name, lzf.name, partial.name}, result.output
+    assert all("AlexNet random init, not ImageNet-pretrained" in t and "3 classes, 64x64 px" in t
+               and "18 train + 6 eval images" in t and "conv2, conv5, fc6, fc8" in t for t in text.values())
+    assert "compression lzf" in text[lzf.name] and "seed 1" in text[lzf.name] and "complete" in text[lzf.name]
+    assert "float32, compression none" in text[reference.name] and "partial: 10 of 24 images" in text[partial.name]
+    marked = [line for line in result.output.splitlines() if line.startswith("│ * ")]
+    assert len(marked) == 1 and reference.name in marked[0]
+    assert f"3 caches" in result.output.splitlines()[-1] and reference.name in result.output.splitlines()[-1]
