@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,92 +41,102 @@ def run(images=512, batch=64, steps=5, device="auto"):
         n = classes * (per_class + 1)
         console.print(f"bench: {n} synthetic 64x64 images, batch {batch}, {steps} timed steps, "
                       f"on {runtime.describe_device(device)}")
-        rows, out = [], {}
-
+        b = SimpleNamespace(cfg=cfg, tmp=tmp, n=n, batch=batch, steps=steps, device=device, rows=[], out={})
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            rate = out[f"matmul_gflops_{name}"] = _matmul_rate(dtype, device)
-            rows.append((f"dense matmul 2048x2048, {name} (`matmul_gflops_{name}`)",
-                         "no fast kernel here" if rate is None else f"{rate:,.0f} GFLOP/s", None, ""))
-
-        job = extraction.prepare(cfg)
-        t0 = time.perf_counter()
-        extraction.build(cfg, job)
-        extract_rate = n / (time.perf_counter() - t0)
-        alexnet = job.model.to(device)
-        forward_rate = _forward_rate(alexnet, n, batch, device)
-        out["extract_vs_forward"] = extract_rate / forward_rate
-        rows.append(("extraction vs bare AlexNet forward", f"{extract_rate:,.1f} vs {forward_rate:,.1f} img/s",
-                     out["extract_vs_forward"], ">= 0.9"))
-
-        cache = feature_cache.open_for(cfg, config.LAYERS)
-        with cache:
-            data = {layer: torch.from_numpy(cache["train"][layer][:batch]).to(device) for layer in config.LAYERS}
-            images_u8 = torch.from_numpy(cache["train"]["images"][:batch]).to(device)
-            cached = {layer: _step_time(_cached_step(data[layer], images_u8, device), steps, device)
-                      for layer in config.LAYERS}
-            # The precision training computes in: fp32 on the CPU, bf16 autocast on CUDA.
-            precision = "bf16" if device.type == "cuda" else "fp32"
-            peak = out[f"matmul_gflops_{precision}"]
-            for layer in config.LAYERS:
-                flops = _train_flops(data[layer], images_u8, device)
-                rate = flops * batch / cached[layer] / 1e9
-                fraction = rate / peak
-                if layer == "conv2":
-                    out["train_flops_fraction"] = fraction
-                rows.append((f"{layer}: training FLOP rate vs {precision} matmul"
-                             + (" (`train_flops_fraction`)" if layer == "conv2" else ""),
-                             f"{flops / 1e6:,.0f} MFLOP/sample x {batch / cached[layer]:,.0f} samples/s = "
-                             f"{rate:,.0f} vs {peak:,.0f} GFLOP/s", fraction, ">= 0.7" if layer == "conv2" else ""))
-            for layer, goal in (("conv2", 20), ("fc6", 3)):
-                original = _step_time(_original_step(layer, alexnet, images_u8, device, cfg), steps, device)
-                key = f"orig_vs_cached_{layer}"
-                out[key] = original / cached[layer]
-                rows.append((f"{layer}: original step vs cached step",
-                             f"{original * 1e3:,.0f} vs {cached[layer] * 1e3:,.0f} ms", out[key], f">= {goal}"))
-            online = {}
-            for layer in config.LAYERS:
-                t = _step_time(_online_step(layer, alexnet, images_u8, device, cfg), steps, device)
-                online[layer] = t / cached[layer]
-                rows.append((f"{layer}: online step vs cached step",
-                             f"{t * 1e3:,.0f} vs {cached[layer] * 1e3:,.0f} ms", online[layer], ">= 2"))
-            out["online_vs_cached"] = min(online.values())
-            unfused = _step_time(_cached_step(data["fc6"], images_u8, device, fused=False), steps, device)
-            rows.append(("fc6 cached step: for-each Adam vs fused Adam (the default)",
-                         f"{unfused * 1e3:,.0f} vs {cached['fc6'] * 1e3:,.0f} ms", unfused / cached["fc6"], ""))
-
-            for mode in ("memory", "hdf5"):
-                rate = out[f"read_samples_per_s_{mode}"] = _read_rate(cache, "conv2", batch, mode, device)
-                rows.append((f"read conv2 training batches ({'in memory' if mode == 'memory' else 'streamed from HDF5'})",
-                             f"{rate:,.0f} samples/s", None, ""))
-
-            written = {setting: _write_seconds(cache, job, tmp / f"write-{setting}.h5", batch, setting)
-                       for setting in feature_cache.COMPRESSIONS}
-            train_n = len(cache["train"]["images"])
-            rate = out["write_mb_per_s"] = train_n * _bytes_per_image(cache) / written["none"] / 1e6
-            rows.append(("cache writer, HDF5 (`write_mb_per_s`)",
-                         f"{rate:,.0f} MB/s (extraction above needs {extract_rate * _bytes_per_image(cache) / 1e6:,.1f})",
-                         None, ""))
-            rows += _compression_rows(out, tmp, written, n / extract_rate, n, train_n, cached, batch, device)
-
-        rates = {}
-        for workers in (1, 2):
-            rates[workers] = out[f"decode_img_per_s_{workers}_worker{'s' if workers > 1 else ''}"] = \
-                _decode_rate(job.dataset, [m for m, _ in job.split.train + job.split.eval],
-                             cfg["data.image_size"], batch, workers)
-        out["decode_scaling_2_workers"] = rates[2] / rates[1]
-        rows.append(("JPEG decode from the zip, 1 vs 2 workers (`decode_scaling_2_workers`)",
-                     f"{rates[1]:,.0f} vs {rates[2]:,.0f} img/s", out["decode_scaling_2_workers"], ">= 1.6"))
-
+            rate = b.out[f"matmul_gflops_{name}"] = _matmul_rate(dtype, device)
+            b.rows.append((f"dense matmul 2048x2048, {name} (`matmul_gflops_{name}`)",
+                           "no fast kernel here" if rate is None else f"{rate:,.0f} GFLOP/s", None, ""))
+        job = _extraction(b)
+        with feature_cache.open_for(cfg, config.LAYERS) as cache:
+            cached = _training_steps(b, cache, job.model.to(device))
+            _cache_io(b, cache, job, cached)
+        _decoding(b, job)
         big_zip = synthetic.write_zip(tmp / "tiny4.zip", classes, 4 * per_class, 1)
         (base1, small), (base4, large) = (_peak_rss(tmp / f"rss{k}", big_zip, k * per_class, batch) for k in (1, 4))
-        out["extract_rss_ratio_4x"] = large / small
-        rows.append((f"extraction peak RSS, 4N vs N = {n} images",
-                     f"{large / 2**20:,.0f} vs {small / 2**20:,.0f} MiB (growth: "
-                     f"{(large - base4) / 2**20:,.0f} vs {(small - base1) / 2**20:,.0f} MiB)",
-                     out["extract_rss_ratio_4x"], "< 1.2"))
-        out["device"] = runtime.describe_device(device)
-    _table(rows, n, batch)
-    return out
+        b.out["extract_rss_ratio_4x"] = large / small
+        b.rows.append((f"extraction peak RSS, 4N vs N = {n} images",
+                       f"{large / 2**20:,.0f} vs {small / 2**20:,.0f} MiB (growth: "
+                       f"{(large - base4) / 2**20:,.0f} vs {(small - base1) / 2**20:,.0f} MiB)",
+                       b.out["extract_rss_ratio_4x"], "< 1.2"))
+        b.out["device"] = runtime.describe_device(device)
+    _table(b.rows, n, batch)
+    return b.out
+
+
+def _extraction(b):
+    """Extraction of the bench's images against a bare forward of the same encoder; returns the job."""
+    job = extraction.prepare(b.cfg)
+    t0 = time.perf_counter()
+    extraction.build(b.cfg, job)
+    b.extract_rate = b.n / (time.perf_counter() - t0)
+    forward_rate = _forward_rate(job.model.to(b.device), b.n, b.batch, b.device)
+    b.out["extract_vs_forward"] = b.extract_rate / forward_rate
+    b.rows.append(("extraction vs bare AlexNet forward", f"{b.extract_rate:,.1f} vs {forward_rate:,.1f} img/s",
+                   b.out["extract_vs_forward"], ">= 0.9"))
+    return job
+
+
+def _training_steps(b, cache, alexnet):
+    """Cached training steps: their FLOP rate, and against the original and the online approach.
+    Returns {layer: seconds per cached step}."""
+    device, batch, steps, out, rows = b.device, b.batch, b.steps, b.out, b.rows
+    data = {layer: torch.from_numpy(cache["train"][layer][:batch]).to(device) for layer in config.LAYERS}
+    images_u8 = torch.from_numpy(cache["train"]["images"][:batch]).to(device)
+    cached = {layer: _step_time(_cached_step(data[layer], images_u8, device), steps, device) for layer in config.LAYERS}
+    precision = "bf16" if device.type == "cuda" else "fp32"  # what training computes in: bf16 autocast on CUDA
+    peak = out[f"matmul_gflops_{precision}"]
+    for layer in config.LAYERS:
+        flops = _train_flops(data[layer], images_u8, device)
+        rate = flops * batch / cached[layer] / 1e9
+        if layer == "conv2":
+            out["train_flops_fraction"] = rate / peak
+        rows.append((f"{layer}: training FLOP rate vs {precision} matmul"
+                     + (" (`train_flops_fraction`)" if layer == "conv2" else ""),
+                     f"{flops / 1e6:,.0f} MFLOP/sample x {batch / cached[layer]:,.0f} samples/s = "
+                     f"{rate:,.0f} vs {peak:,.0f} GFLOP/s", rate / peak, ">= 0.7" if layer == "conv2" else ""))
+    for layer, goal in (("conv2", 20), ("fc6", 3)):
+        original = _step_time(_original_step(layer, alexnet, images_u8, device, b.cfg), steps, device)
+        out[f"orig_vs_cached_{layer}"] = original / cached[layer]
+        rows.append((f"{layer}: original step vs cached step", f"{original * 1e3:,.0f} vs {cached[layer] * 1e3:,.0f} ms",
+                     out[f"orig_vs_cached_{layer}"], f">= {goal}"))
+    online = {}
+    for layer in config.LAYERS:
+        t = _step_time(_online_step(layer, alexnet, images_u8, device, b.cfg), steps, device)
+        online[layer] = t / cached[layer]
+        rows.append((f"{layer}: online step vs cached step", f"{t * 1e3:,.0f} vs {cached[layer] * 1e3:,.0f} ms",
+                     online[layer], ">= 2"))
+    out["online_vs_cached"] = min(online.values())
+    unfused = _step_time(_cached_step(data["fc6"], images_u8, device, fused=False), steps, device)
+    rows.append(("fc6 cached step: for-each Adam vs fused Adam (the default)",
+                 f"{unfused * 1e3:,.0f} vs {cached['fc6'] * 1e3:,.0f} ms", unfused / cached["fc6"], ""))
+    return cached
+
+
+def _cache_io(b, cache, job, cached):
+    """Reading training batches, and writing the cache with every compression setting."""
+    for mode in ("memory", "hdf5"):
+        rate = b.out[f"read_samples_per_s_{mode}"] = _read_rate(cache, "conv2", b.batch, mode, b.device)
+        b.rows.append((f"read conv2 training batches ({'in memory' if mode == 'memory' else 'streamed from HDF5'})",
+                       f"{rate:,.0f} samples/s", None, ""))
+    written = {setting: _write_seconds(cache, job, b.tmp / f"write-{setting}.h5", b.batch, setting)
+               for setting in feature_cache.COMPRESSIONS}
+    train_n = len(cache["train"]["images"])
+    rate = b.out["write_mb_per_s"] = train_n * _bytes_per_image(cache) / written["none"] / 1e6
+    b.rows.append(("cache writer, HDF5 (`write_mb_per_s`)",
+                   f"{rate:,.0f} MB/s (extraction above needs {b.extract_rate * _bytes_per_image(cache) / 1e6:,.1f})",
+                   None, ""))
+    b.rows += _compression_rows(b.out, b.tmp, written, b.n / b.extract_rate, b.n, train_n, cached, b.batch, b.device)
+
+
+def _decoding(b, job):
+    rates = {}
+    for workers in (1, 2):
+        rates[workers] = b.out[f"decode_img_per_s_{workers}_worker{'s' if workers > 1 else ''}"] = \
+            _decode_rate(job.dataset, [m for m, _ in job.split.train + job.split.eval],
+                         b.cfg["data.image_size"], b.batch, workers)
+    b.out["decode_scaling_2_workers"] = rates[2] / rates[1]
+    b.rows.append(("JPEG decode from the zip, 1 vs 2 workers (`decode_scaling_2_workers`)",
+                   f"{rates[1]:,.0f} vs {rates[2]:,.0f} img/s", b.out["decode_scaling_2_workers"], ">= 1.6"))
 
 
 def _cfg(tmp, zip_path, per_class, batch, device):

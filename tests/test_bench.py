@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from typer.testing import CliRunner
 
 import bench as bench_cli
@@ -26,3 +28,7 @@ def test_bench_prints_the_json_figures_last():
     # Post-ReLU features hold zeros even on synthetic images: both filters shrink the cache.
     assert figures["cache_ratio_none"] == 1.0
     assert figures["cache_ratio_lzf"] > 1.1 and figures["cache_ratio_blosc2-zstd"] > 1.1
+    # Ratios are the quotients of what they name, and running the encoder in the step costs time.
+    assert figures["decode_scaling_2_workers"] == pytest.approx(
+        figures["decode_img_per_s_2_workers"] / figures["decode_img_per_s_1_worker"])
+    assert figures["orig_vs_cached_conv2"] > 1 and figures["orig_vs_cached_fc6"] > 1 and figures["online_vs_cached"] > 1
