@@ -36,7 +36,7 @@ def prepare(cfg):
         found = encoder.feature_layouts(cfg["encoder.arch"], cfg["encoder.input_size"], cfg["layers"])
         shapes = {layer: shape for layer, (shape, _) in found.items()}
         dataset = data.open_dataset(data.locate(cfg["data.path"], cfg["data.format"]), cfg["data.format"])
-        console.print(f"data: {dataset.describe()}")
+        console.print(f"data: {dataset.describe()}", soft_wrap=True)
         split = data.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
                                 cfg["split.eval_per_class"], cfg["split.train_per_class"])
         _show_classes(split, cfg["seed"])
