@@ -44,7 +44,8 @@ def feature_errors(cfg, cache, originals, recon, device, batch=64):
 
     @torch.inference_mode()
     def encode(images):
-        parts = [taps(encoder.preprocess_float(images[s:s + batch].to(device), size, arch)) for s in range(0, len(images), batch)]
+        parts = [taps(encoder.preprocess_float(images[s:s + batch].to(device), size, arch))
+                 for s in range(0, len(images), batch)]
         return {node: torch.cat([p[node].float().cpu() for p in parts]) for node in nodes}
 
     reference = {node: torch.from_numpy(cache.load("eval", node)).float() if node in cache.attrs["layers"] else None

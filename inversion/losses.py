@@ -84,7 +84,7 @@ class Objective:
         self.comparator = comparator(cfg, cache, self.node, device) if self.weights["feature"] > 0 else None
         self.d = self.d_net = self.d_optimizer = None
         self.balance, self.last = Balance(), (1.0, 1.0)  # r = 1 before the first step: both train
-        self.counts = {"d_steps": 0, "g_steps": 0, "steps": 0}
+        self.counts = dict.fromkeys(("d_steps", "g_steps", "steps", "samples", "pixel", "feature", "adversarial"), 0)
         if self.weights["adversarial"] > 0:
             torch.manual_seed(runtime.derive_seed(cfg["seed"], layer, 0, 1))  # D's own stream: G's init stays
             self.d = Discriminator().to(device)
@@ -118,15 +118,16 @@ class Objective:
         d_loss = g_adv = torch.zeros((), device=out.device)
         if self.d is not None:
             d_loss = self._discriminator_step(out, target, weight, train_d)
-        loss = self.weights["pixel"] * F.mse_loss(out, target)
+        terms = {"pixel": F.mse_loss(out, target)}
         if self.comparator is not None:
             if target_features is None:
                 with torch.no_grad():
                     target_features = self.comparator(target)
-            loss = loss + self.weights["feature"] * F.mse_loss(self.comparator(out), target_features.float())
+            terms["feature"] = F.mse_loss(self.comparator(out), target_features.float())
         if self.d is not None:
-            g_adv = F.cross_entropy(self.d_net(out), torch.ones(len(out), dtype=torch.long, device=out.device))
-            loss = loss + self.weights["adversarial"] * g_adv
+            terms["adversarial"] = g_adv = F.cross_entropy(
+                self.d_net(out), torch.ones(len(out), dtype=torch.long, device=out.device))
+        loss = sum(self.weights[name] * value for name, value in terms.items())
         if len(x) == 0:
             loss = out.sum() * 0
         optimizer.zero_grad(set_to_none=True)
@@ -137,6 +138,9 @@ class Objective:
         d_sum, g_sum, n = distributed.all_sum([d_loss.item() * len(x), g_adv.item() * len(x), len(x)], out.device)
         self.last = (d_sum / max(n, 1), g_sum / max(n, 1))
         self.counts["steps"] += 1
+        self.counts["samples"] += len(x)
+        for name, value in terms.items() if len(x) else ():  # unweighted: what the weights are chosen by
+            self.counts[name] += value.item() * len(x)
         self.counts["d_steps"] += bool(train_d and self.d is not None)
         self.counts["g_steps"] += bool(train_g)
         return loss.detach() * weight
@@ -154,11 +158,15 @@ class Objective:
         return d_loss.detach()
 
     def summary(self):
-        """Per epoch, for the history: how often each network stepped; resets the counts."""
+        """Per epoch, for the history: each term's mean before weighting (this rank's samples) and, with
+        a discriminator, how often each network stepped; resets the counts."""
         counts, self.counts = self.counts, {key: 0 for key in self.counts}
+        n = max(1, counts["samples"])
+        means = {f"{name}_term": counts[name] / n for name in ("pixel", "feature", "adversarial")
+                 if name == "pixel" or self.weights[name] > 0}
         if self.d is None:
-            return {}
-        return {"d_step_share": round(counts["d_steps"] / max(1, counts["steps"]), 4),
+            return means
+        return {**means, "d_step_share": round(counts["d_steps"] / max(1, counts["steps"]), 4),
                 "g_step_share": round(counts["g_steps"] / max(1, counts["steps"]), 4)}
 
     def state(self):

@@ -80,7 +80,8 @@ def _render(cfg, cache, layers, num_images):
     }
     storage.write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     storage.write_text(out / "results.md",
-                       _markdown(report) + _compared_section(report, cfg["output.dir"]) + _optimisation_section(out / "optimisation.json", report["cache_hash"]))
+                       _markdown(report) + _compared_section(report, cfg["output.dir"])
+                       + _optimisation_section(out / "optimisation.json", report["cache_hash"]))
     _show(report)
     return {"report": report, "files": files + [out / "metrics.json", out / "results.md"]}
 
@@ -201,11 +202,13 @@ def _compared_section(report, this_run):
         return ""
     runs = {this_run: report["layers"], **report["compared_runs"]}
     lines = ["", "## Runs compared (render.compare_with)", "",
-             "| layer | run | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+             "| layer | run | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|---|" + "---:|" * len(COLUMNS)]
     for layer in report["layers"]:
         for run, layers in runs.items():
             if layer in layers:
-                lines.append(f"| {layer} | `{run}` | " + " | ".join(_cells(layers[layer], layer, report["comparator"])) + " |")
+                cells = _cells(layers[layer], layer, report["comparator"])
+                lines.append(f"| {layer} | `{run}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

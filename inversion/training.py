@@ -148,7 +148,9 @@ def load_data(cfg, cache, layer, run, device):
     console.print(f"{layer}: inputs {'streamed from HDF5' if batching.is_streamed(train_x) else 'in memory'}")
     if run.objective:
         losses.check_inputs(cfg, train_x)
-    if not run.history and not cfg["train.init_from"]:  # from the split as loaded (in memory: no second, strided read of the HDF5 file)
+    # from the split as loaded (in memory: no second, strided read of the HDF5 file); a fine-tuned decoder
+    # keeps the statistics it was trained with
+    if not run.history and not cfg["train.init_from"]:
         mean, std = standardisation(train_x)
         run.model.input_mean.copy_(mean.view_as(run.model.input_mean))
         run.model.input_std.copy_(std.view_as(run.model.input_std))
