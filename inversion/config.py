@@ -57,10 +57,18 @@ SCHEMA = {
     "train.in_memory": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
     "train.shuffle_buffer": (4096, int, lambda v: v >= 1, "an integer >= 1"),
     "train.tensorboard": (True, bool, None, "true or false"),
+    "train.init_from": (None, (str, type(None)), None, "null or a decoders folder (e.g. outputs/decoders)"),
+    # Training objective (docs/perceptual-losses.md): pixel only, weight 1, is the 2016 paper's.
+    "loss.pixel": (1.0, _NUM, lambda v: v >= 0, "a number >= 0"),
+    "loss.feature": (0.0, _NUM, lambda v: v >= 0, "a number >= 0"),
+    "loss.adversarial": (0.0, _NUM, lambda v: v >= 0, "a number >= 0"),
+    "loss.comparator": ("conv5", str, lambda v: v != "", "a layer (node) of the cache's encoder, e.g. conv5"),
     "render.num_images": (20, int, lambda v: v >= 1, "an integer >= 1"),
     "render.grid_size": (8, int, lambda v: 1 <= v <= 32, "an integer in 1..32"),
     "render.top1": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
     "render.analyses": (False, bool, None, "true or false"),
+    "render.compare_with": ([], list, lambda v: all(isinstance(x, str) and x for x in v),
+                            "a list of other runs' output.dir folders"),
     "output.dir": ("outputs", str, None, "a folder path"),
     # Inversion by optimisation (invert_by_optimisation.py); docs/optimisation-baseline.md says which constants are M&V's.
     "optimisation.iterations": (100, int, lambda v: v >= 1, "an integer >= 1"),
@@ -116,6 +124,7 @@ def load(path="config.yaml", overrides=()):
     if len(set(cfg["layers"])) != len(cfg["layers"]):
         raise UserError(f"layers: repeated layer in {cfg['layers']}")
     check_layers(cfg, cfg["layers"], "layers")
+    check_layers(cfg, [cfg["loss.comparator"]], "loss.comparator")
     return cfg
 
 

@@ -78,3 +78,44 @@ def summarize(original, reconstruction, normaliser, batch=256):
     n = len(original)
     return {"mse": sums["mse"] / n, "psnr_db": sums["psnr"] / n, "ssim": sums["ssim"] / n,
             "normalized_error": sums["l2"] / n / normaliser}
+
+
+def radial_spectrum(images, batch=256):
+    """The radially averaged power spectrum of (N, 3, S, S) images: (frequencies in cycles per pixel, mean
+    power per frequency ring), averaged over images and channels. Each image's own mean (the DC term) is
+    removed first, so a flat image has no power at all. Ring k holds the frequencies whose radius rounds to
+    k / S; rings run from 1 / S to the Nyquist frequency 1/2, the corners beyond it left out."""
+    size = images.shape[-1]
+    f = torch.fft.fftfreq(size, dtype=torch.float64)
+    ring = torch.round(torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2) * size).long().flatten()
+    rings = size // 2
+    power = torch.zeros(rings + 1, dtype=torch.float64)
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch].double()
+        x = x - x.mean((2, 3), keepdim=True)
+        p = torch.fft.fft2(x).abs().pow(2).sum((0, 1)).flatten()  # summed over images and channels
+        keep = ring <= rings
+        power += torch.zeros(rings + 1, dtype=torch.float64).index_add_(0, ring[keep], p[keep])
+    counts = torch.bincount(ring[ring <= rings], minlength=rings + 1).double()
+    power = power / counts / (len(images) * images.shape[1])
+    return (torch.arange(1, rings + 1, dtype=torch.float64) / size).numpy(), power[1:].numpy()
+
+
+def high_frequency_ratio(original, reconstruction):
+    """Fine detail of the reconstructions next to the originals': the radially averaged power spectrum of
+    the reconstructions over the originals', each summed over the upper half of the spatial frequencies
+    (1/4 to 1/2 cycle per pixel). 1.0 = as much fine detail as the originals, whether or not it is the
+    right detail (noise counts too); a blurry decoder is far below 1."""
+    freqs, ours = radial_spectrum(reconstruction)
+    _, theirs = radial_spectrum(original)
+    upper = freqs > 0.25
+    return float(ours[upper].sum() / theirs[upper].sum())
+
+
+def feature_error(original_features, reconstruction_features, seed=0):
+    """Normalised distance in feature space: mean_i ||f(r_i) - f(x_i)|| over mean_i ||f(x_i) - f(x_pi(i))||,
+    the features of the reconstruction against its original's, divided by the distance between the
+    features of random pairs of originals (as the normalised error does with pixels): 0 = the encoder
+    cannot tell the reconstruction from its original, about 1 = no closer than another image."""
+    a, b = original_features.flatten(1).double(), reconstruction_features.flatten(1).double()
+    return (a - b).norm(dim=1).mean().item() / pair_distance(a, seed)

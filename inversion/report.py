@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from . import analyses, config, encoder, feature_cache, figures, inference, metrics, runtime, storage, webpage
+from . import (analyses, comparison, config, encoder, feature_cache, figures, inference, metrics, runtime, storage,
+               webpage)
 from .images import to_hwc, to_target, to_uint8
 from .console import Timer, console, summary, warn
 from .errors import UserError
@@ -41,10 +42,14 @@ def _render(cfg, cache, layers, num_images):
     top1 = _top1(cfg, identity, images, recon, device)
     for layer, value in top1.items():
         scores[layer]["top1_agreement"] = value
+    for layer, values in comparison.sharpness(cfg, cache, originals, recon, device).items():
+        scores[layer].update(values)
+    compared = _compared(cfg, cache, originals, recon, normaliser, device)
 
     provenance = json.dumps({"config_hash": config.digest(cfg), "cache_hash": cache.attrs["cache_hash"],
                              "versions": runtime.versions()}, sort_keys=True)
     files = _figures(cfg, cache, decoders, recon, num_images, note, provenance, out)
+    files += _comparison_figures(cfg, cache, originals, recon, compared, num_images, note, provenance, out)
     table = {}
     if cfg["render.analyses"]:
         errors = {layer: values["normalized_error"] for layer, values in scores.items()}
@@ -65,6 +70,8 @@ def _render(cfg, cache, layers, num_images):
         "normaliser_mean_pair_distance": normaliser,
         "layers": {layer: {**scores[layer], "epochs": len(ckpt["history"])} for layer, (_, ckpt) in decoders.items()},
         "baselines": baselines,
+        "comparator": cfg["loss.comparator"],
+        "compared_runs": {folder: run["scores"] for folder, run in compared.items()},
         "top1_agreement": top1 or f"skipped: {_top1_reason(cfg, identity)}",
         "analyses": table or "skipped: render.analyses is false",
         "analysis_claims": analyses.claims(table, baselines["mean_train_image"]["normalized_error"],
@@ -74,7 +81,8 @@ def _render(cfg, cache, layers, num_images):
     }
     storage.write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     storage.write_text(out / "results.md",
-                       _markdown(report) + _optimisation_section(out / "optimisation.json", report["cache_hash"]))
+                       _markdown(report) + _compared_section(report, cfg["output.dir"])
+                       + _optimisation_section(out / "optimisation.json", report["cache_hash"]))
     rows = figures.choose_rows(labels, num_images, cfg["seed"])  # the comparison grid's images
     page = webpage.write(out, report, originals[rows], {layer: r[rows] for layer, r in recon.items()}, labels[rows],
                          normaliser)
@@ -149,14 +157,63 @@ def _short(name):
 
 
 COLUMNS = (("mse", "MSE", "{:.5f}"), ("psnr_db", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
-           ("normalized_error", "norm. error", "{:.3f}"), ("top1_agreement", "top-1 agree", "{:.1%}"))
+           ("normalized_error", "norm. error", "{:.3f}"), ("top1_agreement", "top-1 agree", "{:.1%}"),
+           ("high_frequency_ratio", "HF ratio", "{:.3f}"), ("feature_error@layer", "feat. err (layer)", "{:.3f}"),
+           ("feature_error@comparator", "feat. err (comparator)", "{:.3f}"))
 
 
 def _metric_rows(report):
-    rows = [(layer, values) for layer, values in report["layers"].items()]
-    rows += [(f"baseline: {name.replace('_', ' ')}", values) for name, values in report["baselines"].items()]
-    for name, values in rows:
-        yield name, [fmt.format(values[key]) if key in values else "-" for key, _, fmt in COLUMNS]
+    rows = [(layer, layer, values) for layer, values in report["layers"].items()]
+    rows += [(f"baseline: {name.replace('_', ' ')}", None, values) for name, values in report["baselines"].items()]
+    for name, layer, values in rows:
+        yield name, _cells(values, layer, report["comparator"])
+
+
+def _cells(values, layer, comparator):
+    """A row's formatted metrics; the feature errors at the row's own layer and at the comparator."""
+    flat = {**values, **{f"feature_error@{where}": values.get("feature_error", {}).get(node)
+                         for where, node in (("layer", layer), ("comparator", comparator))}}
+    return [fmt.format(flat[key]) if flat.get(key) is not None else "-" for key, _, fmt in COLUMNS]
+
+
+def _compared(cfg, cache, originals, recon, normaliser, device):
+    """`render.compare_with`: {output.dir: {"recon": {layer: images}, "scores": {layer: metrics}}}."""
+    compared = {}
+    for folder, other in comparison.other_runs(cfg, cache, list(recon), device).items():
+        scores = {layer: metrics.summarize(originals, r, normaliser) for layer, r in other.items()}
+        for layer, values in comparison.sharpness(cfg, cache, originals, other, device).items():
+            scores[layer].update(values)
+        compared[folder] = {"recon": other, "scores": scores}
+    return compared
+
+
+def _comparison_figures(cfg, cache, originals, recon, compared, num_images, note, provenance, out):
+    """spectrum.png always; reconstructions_compared.png with `render.compare_with`."""
+    runs = {cfg["output.dir"]: recon, **{folder: run["recon"] for folder, run in compared.items()}}
+    optimised = comparison.optimisation_images(out, cache.attrs["cache_hash"])
+    files = comparison.spectrum_figure(originals, runs, optimised, out / "spectrum", note, provenance)
+    if compared:
+        labels, names = cache.load("eval", "labels"), cache.attrs["class_names"]
+        rows = figures.choose_rows(labels, num_images, cfg["seed"])
+        files += comparison.compared_grid(cache.load("eval", "images"), rows, [_short(names[labels[i]]) for i in rows],
+                                          runs, out / "reconstructions_compared", note, provenance)
+    return files
+
+
+def _compared_section(report, this_run):
+    """Every run's metrics in one table, layer by layer."""
+    if not report["compared_runs"]:
+        return ""
+    runs = {this_run: report["layers"], **report["compared_runs"]}
+    lines = ["", "## Runs compared (render.compare_with)", "",
+             "| layer | run | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|---|" + "---:|" * len(COLUMNS)]
+    for layer in report["layers"]:
+        for run, layers in runs.items():
+            if layer in layers:
+                cells = _cells(layers[layer], layer, report["comparator"])
+                lines.append(f"| {layer} | `{run}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _markdown(report):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
-from . import batching, checkpoints, config, decoders, distributed, feature_cache, runtime, storage, training_log
+from . import batching, checkpoints, config, decoders, distributed, feature_cache, losses, runtime, storage, training_log
 from .console import Timer, console, progress, rate_text, summary
 from .decoders import Decoder
 from .errors import UserError
@@ -86,20 +86,21 @@ def train_layer(cfg, cache, layer, device, fresh=False):
             bar.reset(task, total=len(data.train_x), description=f"{layer} epoch {epoch + 1}/{epochs}")
             lr, t0 = run.optimizer.param_groups[0]["lr"], time.perf_counter()
             rng = np.random.default_rng(runtime.derive_seed(cfg["seed"], layer, epoch + 1))
-            batches = batching.batches(data.train_x, data.train_y, cfg["train.batch_size"], rng,
-                                       cfg["train.shuffle_buffer"], device)
+            batches = _batches(cfg, data, run, rng, device, epoch)
             train_loss, seen = train_one_epoch(run.net, run.optimizer, schedule, batches, device,
-                                               _advance(bar, task, t0))
+                                               _advance(bar, task, t0), run.objective)
             eval_loss = evaluate(run.model, data.eval_x, data.eval_y, cfg["train.batch_size"], device)
             seconds = time.perf_counter() - t0
             _check_finite(layer, epoch, train_loss, eval_loss, run)
             run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "eval_loss": eval_loss, "lr": lr,
                                 "seconds": round(seconds, 3), "samples": seen,
-                                "samples_per_s": round(seen / seconds, 1)})
+                                "samples_per_s": round(seen / seconds, 1),
+                                **(run.objective.summary() if run.objective else {})})
             if log:
                 log.epoch(run.model, run.history[-1])
             if distributed.is_main():  # one writer: every rank holds the same weights
-                save(cfg, run, is_best=eval_loss < best)
+                # eval_loss is pixel MSE, which the perceptual terms trade away on purpose: best = last then
+                save(cfg, run, is_best=eval_loss < best or run.objective is not None)
             best = min(best, eval_loss)
             console.print(f"{layer} epoch {epoch + 1}/{epochs}: train {train_loss:.5f}  eval {eval_loss:.5f}  "
                           f"({seconds:.1f} s, {seen / seconds:,.0f} samples/s)")
@@ -116,6 +117,9 @@ def build(cfg, cache, layer, device, fresh):
     spec = checkpoints.make_spec(layer, shape, layout, cfg["decoder.width"], cfg["data.image_size"],
                                  cfg["decoder.fc_width"])
     guard = {"cache_hash": cache.attrs["cache_hash"], "holdout": cfg["train.holdout"], "decoder": spec}
+    objective = losses.active(cfg) and losses.Objective(cfg, cache, layer, device)
+    if objective:
+        guard["losses"] = losses.settings(cfg)  # pixel-only checkpoints stay as they were
     torch.manual_seed(runtime.derive_seed(cfg["seed"], layer, 0))
     model = checkpoints.build(spec, device)
     if not distributed.is_main():
@@ -135,7 +139,12 @@ def build(cfg, cache, layer, device, fresh):
                 group["lr"] = cfg["train.lr"]
                 group.pop("initial_lr", None)
         history = checkpoint["history"]
-    return SimpleNamespace(out=out, guard=guard, model=model, net=model, optimizer=optimizer, history=history)
+        if objective:
+            objective.load(checkpoint, state)
+    elif cfg["train.init_from"]:
+        model.load_state_dict(losses.initial_weights(cfg["train.init_from"], layer, guard)["model"])
+    return SimpleNamespace(out=out, guard=guard, model=model, net=model, optimizer=optimizer, history=history,
+                           objective=objective or None)
 
 
 def load_data(cfg, cache, layer, run, device):
@@ -144,33 +153,44 @@ def load_data(cfg, cache, layer, run, device):
     train_x, train_y = batching.inputs(cache, "train", layer, cfg["train.in_memory"], device)
     # Said because it shapes the history: streaming shuffles in another order than in memory.
     console.print(f"{layer}: inputs {'streamed from HDF5' if batching.is_streamed(train_x) else 'in memory'}")
-    if not run.history:  # from the split as loaded (in memory: no second, strided read of the HDF5 file)
+    if run.objective:
+        losses.check_inputs(cfg, train_x)
+    # from the split as loaded (in memory: no second, strided read of the HDF5 file); a fine-tuned decoder
+    # keeps the statistics it was trained with
+    if not run.history and not cfg["train.init_from"]:
         mean, std = standardisation(train_x, arrange=run.model.arrange)
         run.model.input_mean.copy_(mean.view_as(run.model.input_mean))
         run.model.input_std.copy_(std.view_as(run.model.input_std))
     if distributed.launched():  # DDP copies rank 0's parameters and buffers to every rank
         run.net = DistributedDataParallel(run.model, device_ids=[device] if device.type == "cuda" else None)
+        if run.objective:
+            run.objective.wrap(device)
     if cfg["train.holdout"]:
         (train_x, train_y), (eval_x, eval_y) = batching.hold_out(train_x, train_y, cfg["train.holdout"], cfg["seed"])
         console.print(f"{layer}: eval loss on {len(eval_x):,} held-out training images (train.holdout="
                       f"{cfg['train.holdout']}); the eval split is not used")
     else:
         eval_x, eval_y = batching.inputs(cache, "eval", layer, cfg["train.in_memory"], device)
-    return SimpleNamespace(train_x=train_x, train_y=train_y, eval_x=eval_x, eval_y=eval_y)
+    targets = run.objective.comparator_targets(cache, "train") if run.objective else None
+    return SimpleNamespace(train_x=train_x, train_y=train_y, eval_x=eval_x, eval_y=eval_y, comparator_targets=targets)
 
 
-def train_one_epoch(model, optimizer, schedule, data, device, advance):
+def train_one_epoch(model, optimizer, schedule, data, device, advance, objective=None):
     """One pass over `data`, stepping the lr schedule after every optimiser step; returns (mean loss,
-    samples), over all ranks. The loss stays on the device until the end."""
+    samples), over all ranks. The loss stays on the device until the end. With an `objective` (perceptual
+    losses) each batch also carries its comparator targets, and the objective takes the step."""
     model.train()
     world = distributed.world_size()
     total, seen = torch.zeros((), device=device), 0
-    for x, y, global_batch in data:
+    for x, y, *comparator_targets, global_batch in data:
         weight = world * len(x) / global_batch  # DDP averages gradients over ranks: this makes it the batch mean
-        loss = pixel_loss(model, x, y, device, weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if objective:
+            loss = objective.step(model, optimizer, x, y, comparator_targets[0], weight)
+        else:
+            loss = pixel_loss(model, x, y, device, weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         schedule.step()
         total += loss.detach() * (len(x) / weight if weight else 0)
         seen += len(x)
@@ -193,9 +213,23 @@ def evaluate(model, x_all, y_all, batch, device):
 
 
 def save(cfg, run, is_best):
+    extra, extra_state = run.objective.state() if run.objective else ({}, {})
     checkpoint = {"model": run.model.state_dict(), "history": run.history, **run.guard,
-                  "config_hash": config.digest(cfg), "versions": runtime.versions()}
-    checkpoints.save(run.out, checkpoint, {"optimizer": run.optimizer.state_dict()}, is_best)
+                  "config_hash": config.digest(cfg), "versions": runtime.versions(), **extra}
+    checkpoints.save(run.out, checkpoint, {"optimizer": run.optimizer.state_dict(), **extra_state}, is_best)
+
+
+def _batches(cfg, data, run, rng, device, epoch):
+    """The epoch's shuffled batches; with perceptual losses drawn as row indices, so that the cached
+    comparator features of the same rows come along."""
+    if not run.objective:
+        return batching.batches(data.train_x, data.train_y, cfg["train.batch_size"], rng,
+                                cfg["train.shuffle_buffer"], device)
+    run.objective.start_epoch(cfg["seed"], run.guard["decoder"]["layer"], epoch)
+    rows = np.arange(len(data.train_x))
+    return losses.with_comparator_targets(
+        batching.batches(rows, rows, cfg["train.batch_size"], rng, cfg["train.shuffle_buffer"], device),
+        data.train_x, data.train_y, data.comparator_targets, device)
 
 
 def pixel_loss(model, x, y, device, weight=1.0):

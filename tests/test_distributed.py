@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from conftest import make_cfg
 from inversion import checkpoints, distributed, extraction, feature_cache, training
@@ -103,3 +104,25 @@ def test_two_process_training_matches_one_process(built, tmp_path):
         assert history[0]["train_loss"] == pytest.approx(single[layer][0]["train_loss"], rel=tolerance)
         assert sorted(p.name for p in (tmp_path / "two" / "decoders" / layer).iterdir()) == [
             "best.pt", "history.jsonl", "last.pt", "optimizer.pt"]
+
+
+def test_two_process_perceptual_training_matches_one_process_and_saves_the_discriminator(built, tmp_path):
+    """The feature term has no randomness: two ranks give the one-process run. The discriminator's dropout
+    draws per rank, so with it the test asks for a run that finishes, agrees on every pause (or DDP would
+    hang) and writes D's weights and optimiser state once."""
+    cfg, _ = built
+    feature = {"train.epochs": 1, "loss.feature": 0.05}
+    single = training.train(dict(cfg, **{"output.dir": str(tmp_path / "one"), **feature}), ["conv5"])["conv5"]
+    result = torchrun("train_decoders.py", dict(cfg, **{"output.dir": str(tmp_path / "two"), **feature}), "--layers", "conv5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = checkpoints.read_history(tmp_path / "two/decoders/conv5/history.jsonl")
+    assert history[0]["eval_loss"] == pytest.approx(single[0]["eval_loss"], rel=1e-4)
+    assert history[0]["train_loss"] == pytest.approx(single[0]["train_loss"], rel=1e-4)
+
+    adversarial = dict(cfg, **{"output.dir": str(tmp_path / "gan"), "train.epochs": 2, "loss.adversarial": 0.1})
+    result = torchrun("train_decoders.py", adversarial, "--layers", "conv5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "gan/decoders/conv5"
+    assert len(checkpoints.read_history(folder / "history.jsonl")) == 2
+    assert "discriminator" in torch.load(folder / "last.pt", weights_only=True)
+    assert "discriminator_optimizer" in torch.load(folder / "optimizer.pt", weights_only=True)

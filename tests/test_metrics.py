@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,3 +36,34 @@ def test_normalised_error_and_pair_distance():
     shuffled = y[torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])]
     exact = (y - shuffled).flatten(1).norm(dim=1).mean().item()
     assert metrics.summarize(y, shuffled, exact)["normalized_error"] == pytest.approx(1)
+
+
+def blurred(x):
+    """A 5x5 box blur (reflect-padded): the same image with its fine detail gone."""
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    return torch.nn.functional.avg_pool2d(padded, 5, stride=1)
+
+
+def test_high_frequency_ratio_is_one_for_the_originals_and_low_for_blurred_ones():
+    x = torch.rand(6, 3, 32, 32)
+    assert metrics.high_frequency_ratio(x, x) == pytest.approx(1.0)
+    assert metrics.high_frequency_ratio(x, blurred(x)) < 0.1
+    assert metrics.high_frequency_ratio(x, torch.full_like(x, 0.5)) == 0.0  # flat: no detail at all
+    assert metrics.high_frequency_ratio(x, 0.5 * x) == pytest.approx(0.25)  # half the contrast: a quarter of the power
+
+
+def test_radial_spectrum_puts_a_pure_frequency_in_its_ring():
+    size, k = 32, 5
+    column = torch.cos(2 * math.pi * k * torch.arange(size) / size)
+    freqs, power = metrics.radial_spectrum(column.expand(1, 3, size, size).clone())
+    assert len(freqs) == size // 2 and freqs[-1] == 0.5
+    assert power.argmax() == k - 1 and power[np.arange(len(power)) != k - 1].max() < 1e-9
+
+
+def test_feature_error_is_zero_for_identical_features_and_one_for_random_pairs():
+    f = torch.randn(8, 10)
+    assert metrics.feature_error(f, f) == 0.0
+    perm = torch.from_numpy(np.roll(np.arange(8), 1))
+    shuffled = metrics.feature_error(f, f[perm])
+    assert 0.5 < shuffled < 1.5  # another image's features: about as far as a random pair
+    assert metrics.feature_error(f, f + 0.01 * torch.randn_like(f)) < 0.05

@@ -92,3 +92,28 @@ def test_comparison_grid_caption(monkeypatch, tmp_path):
     figures.comparison_grid(images, {"conv2": images}, ["a"], tmp_path / "g", "note")
     figures.comparison_grid(images, {"conv2": images}, ["a"], tmp_path / "g", "note", caption="Decoder vs optimisation")
     assert seen == ["Reconstructions from each layer (eval images)\nnote", "Decoder vs optimisation\nnote"]
+
+
+def test_sharpness_metrics_and_a_second_run_side_by_side(trained, built, tmp_path):
+    from inversion import training
+
+    other = tmp_path / "other"
+    training.train(dict(trained, **{"output.dir": str(other), "train.epochs": 1, "loss.feature": 0.05,
+                                    "train.init_from": str(Path(trained["output.dir"]) / "decoders")}), ["conv5", "fc8"])
+    cfg = dict(trained, **{"render.compare_with": [str(other)]})
+    result = report.render(cfg)
+    out = Path(cfg["output.dir"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    for values in metrics["layers"].values():
+        assert values["high_frequency_ratio"] > 0
+    assert set(metrics["layers"]["conv5"]["feature_error"]) == {"conv5"}  # conv5 is the comparator too
+    assert set(metrics["layers"]["fc8"]["feature_error"]) == {"fc8", "conv5"}
+    assert set(metrics["compared_runs"]) == {str(other)}
+    assert set(metrics["compared_runs"][str(other)]["fc8"]) >= {"normalized_error", "high_frequency_ratio", "feature_error"}
+    assert {f.name for f in result["files"]} >= {"reconstructions_compared.png", "spectrum.png"}
+    results = (out / "results.md").read_text()
+    assert "## Runs compared" in results and f"| fc8 | `{other}` |" in results and "HF ratio" in results
+    with Image.open(out / "reconstructions_compared.png") as im:
+        assert np.asarray(im.convert("L")).std() > 5
+    with pytest.raises(UserError, match="no decoder checkpoints under"):
+        report.render(dict(cfg, **{"render.compare_with": [str(tmp_path / "nothing")]}))

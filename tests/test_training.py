@@ -322,3 +322,18 @@ def test_in_memory_auto_follows_memavailable_not_memfree(built, tmp_path, monkey
             monkeypatch.setattr(runtime, "available_ram", lambda: ram)
             x, _ = batching.inputs(cache, "train", "conv5", "auto", torch.device("cpu"))
             assert isinstance(x, h5py.Dataset) == streamed
+
+
+def test_the_perceptual_path_with_pixel_loss_alone_is_the_plain_loop(built, tmp_path, monkeypatch):
+    """Drawing batches as row indices (so cached comparator features can ride along) keeps the order and
+    the numbers of the plain loop: only the extra terms change what is learnt."""
+    plain = train(cfg_in(built, tmp_path / "plain"))
+    from inversion import losses
+    monkeypatch.setattr(losses, "active", lambda cfg: True)
+    routed = train(cfg_in(built, tmp_path / "routed"))
+    assert losses_of(routed) == losses_of(plain)
+    assert torch.load(tmp_path / "routed/decoders/conv5/last.pt", weights_only=True)["losses"]["loss.pixel"] == 1.0
+
+
+def losses_of(history):
+    return [(h["train_loss"], h["eval_loss"]) for h in history]
