@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed, runtime
+from . import checkpoints, distributed, runtime
 from .errors import UserError
 from .images import to_target
 
@@ -237,8 +237,6 @@ def check_inputs(cfg, train_x):
 def initial_weights(folder, layer, guard):
     """`train.init_from`: the checkpoint a new decoder starts from (fine-tuning), `folder`/<layer>/best.pt,
     trained on the same cache with the same architecture."""
-    from . import checkpoints
-
     path = Path(folder) / layer / checkpoints.BEST
     if not path.is_file():
         raise UserError(f"train.init_from: no {path} (run train_decoders.py --layers {layer} with "
