@@ -125,7 +125,7 @@ def spectrum_figure(originals, runs, optimised, path, note, provenance=""):
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Power spectra of eval reconstructions (shaded: the high-frequency band)\n{note}", fontsize=9)
     fig.subplots_adjust(top=0.78, bottom=0.16, left=0.1, right=0.98)
-    return figures._save(fig, path, ("png",), note, provenance)
+    return figures.save(fig, path, ("png",), note, provenance)
 
 
 def _short(name):

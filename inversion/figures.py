@@ -52,7 +52,7 @@ def loss_curves(histories, path, note, provenance=""):
     axes[0][0].legend()
     fig.suptitle(f"Decoder loss per layer\n{note}", fontsize=9)
     fig.subplots_adjust(top=0.78, bottom=0.16, left=0.08, right=0.98)
-    written = _save(fig, path / "loss_per_layer", ("png", "pdf"), note, provenance)
+    written = save(fig, path / "loss_per_layer", ("png", "pdf"), note, provenance)
 
     fig, ax = plt.subplots(figsize=LOSS_ALL_INCHES)
     for layer in layers:
@@ -66,7 +66,7 @@ def loss_curves(histories, path, note, provenance=""):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.subplots_adjust(top=0.86, bottom=0.12, left=0.15, right=0.97)
-    return written + _save(fig, path / "loss_all_layers", ("png", "pdf"), note, provenance)
+    return written + save(fig, path / "loss_all_layers", ("png", "pdf"), note, provenance)
 
 
 def comparison_grid(originals, reconstructions, row_labels, path, note, provenance="",
@@ -81,7 +81,7 @@ def comparison_grid(originals, reconstructions, row_labels, path, note, provenan
                  va="top")
     fig.subplots_adjust(left=LABEL / width, right=1 - 0.1 / width, top=1 - HEADER / height,
                         bottom=0.1 / height, wspace=0.05, hspace=0.05)
-    return _save(fig, path, ("png",), note, provenance)
+    return save(fig, path, ("png",), note, provenance)
 
 
 def _fill_grid(axes, columns, row_labels, heading_size):
@@ -106,7 +106,7 @@ def layer_grid(originals, reconstruction, layer, path, note, provenance=""):
         ax.axis("off")
     fig.suptitle(f"{layer}: {len(originals)} eval images\n{note}", fontsize=9)
     fig.subplots_adjust(left=0.02, right=0.98, top=0.86, bottom=0.02, wspace=0.04)
-    return _save(fig, path, ("png",), note, provenance)
+    return save(fig, path, ("png",), note, provenance)
 
 
 def image_table(columns, row_labels, path, title, note, provenance=""):
@@ -121,7 +121,7 @@ def image_table(columns, row_labels, path, title, note, provenance=""):
     fig.suptitle(f"{title}\n{note}", fontsize=8, y=1 - 0.08 / height, va="top")
     fig.subplots_adjust(left=(side + LABEL) / width, right=1 - (side + 0.1) / width,
                         top=1 - (height - CELL * rows - 0.2) / height, bottom=0.1 / height, wspace=0.05, hspace=0.05)
-    return _save(fig, path, ("png",), note, provenance)
+    return save(fig, path, ("png",), note, provenance)
 
 
 TABLE_MIN_WIDTH = 6.5
@@ -147,7 +147,7 @@ def mosaic_panels(panels, path, title, note, provenance=""):
     fig.suptitle(f"{title}\n{note}", fontsize=9, y=1 - 0.08 / height, va="top")
     fig.subplots_adjust(left=0.1 / width, right=1 - 0.1 / width, top=1 - HEADER / height, bottom=0.1 / height,
                         wspace=0.1 * len(mosaics) / width)
-    return _save(fig, path, ("png",), note, provenance)
+    return save(fig, path, ("png",), note, provenance)
 
 
 def mosaic_panels_inches(mosaic_shape, panels):
@@ -190,12 +190,12 @@ def pixel_size(inches):
     return int(round(inches[0] * DPI)), int(round(inches[1] * DPI))
 
 
-def _save(fig, path, formats, note, provenance):
+def save(fig, path, formats, note, provenance):
     path = Path(path)
     written = []
     try:
         for fmt in formats:
-            target = path.with_suffix(f".{fmt}")
+            target = path.with_name(f"{path.name}.{fmt}")  # not with_suffix: layer names may hold dots
             meta = {"Title": note, ("Description" if fmt == "png" else "Subject"): provenance}
             with storage.replacing(target) as tmp:
                 fig.savefig(tmp, dpi=DPI, format=fmt, metadata=meta)

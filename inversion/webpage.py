@@ -47,6 +47,8 @@ def write(out, report, originals, reconstructions, labels, normaliser):
     figures = [out / name for name in report["figures"] if name.endswith(".png")]
     parts.append(_figures("Loss curves", [f for f in figures if f.name.startswith("loss_")]))
     parts.append(_figures("Comparison grid", [f for f in figures if f.name == "reconstructions.png"]))
+    parts.append(_figures("Runs compared", [f for f in figures if f.name == "reconstructions_compared.png"]))
+    parts.append(_figures("Power spectra", [f for f in figures if f.name == "spectrum.png"]))
     parts.append(_figures("Per-layer grids", [f for f in figures if f.name.startswith("grid_")]))
     parts.append(_analyses(report, [f for f in figures if f.name.startswith("analysis_")]))
     parts.append(_optimisation(out, report["cache_hash"]))
@@ -167,7 +169,9 @@ def _thumb(hwc_uint8, alt):
 
 def _alt(path):
     words = {"loss_per_layer": "train and eval loss per layer", "loss_all_layers": "eval loss of all layers",
-             "reconstructions": "comparison grid: eval images and their reconstructions from every layer"}
+             "reconstructions": "comparison grid: eval images and their reconstructions from every layer",
+             "reconstructions_compared": "eval images and each compared run's reconstructions, layer by layer",
+             "spectrum": "radially averaged power spectra of the originals and the reconstructions"}
     stem = path.stem
     if stem.startswith("grid_"):
         return f"grid of eval images and their {stem[5:]} reconstructions"

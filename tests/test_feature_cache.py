@@ -39,7 +39,7 @@ def test_cache_holds_split_and_features_equal_a_direct_forward(built, tiny_zip):
             assert (cache.load(name, "images") == images).all()
             assert list(cache.load(name, "labels")) == [label for _, label in items]
             assert [p.decode() for p in cache.load(name, "paths")] == [ds.root + m for m, _ in items]
-            direct = extraction.forward(taps, images, 224, "alexnet", torch.device("cpu"))
+            direct = encoder.encode(taps, images, 224, "alexnet", torch.device("cpu"))
             for layer in cfg["layers"]:
                 np.testing.assert_allclose(cache.load(name, layer), direct[layer], rtol=1e-5, atol=1e-5)
 

@@ -50,7 +50,7 @@ def test_feature_term_is_the_mse_at_the_comparator_against_the_cached_features(b
         objective = losses.Objective(cfg, cache, "conv5", torch.device("cpu"))
         x, y = one_batch(cache)
         cached = torch.from_numpy(cache["train"]["conv5"][:4]).float()
-    model = checkpoints.build(checkpoints.make_spec("conv5", x.shape[1:], 0.25, 64, 64))
+    model = checkpoints.build(checkpoints.make_spec("conv5", x.shape[1:], "chw", 0.25, 64, 64))
     before = copy.deepcopy(model)
     loss = objective.step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, cached, 1.0)
     encoded, _ = encoder.load("alexnet", "random", 0)
@@ -67,7 +67,7 @@ def test_pixel_term_is_weighted_pixel_mse(built, tmp_path):
         objective = losses.Objective(cfg, cache, "conv5", torch.device("cpu"))
         x, y = one_batch(cache)
     assert objective.comparator is None and objective.d is None  # no encoder, no discriminator needed
-    model = checkpoints.build(checkpoints.make_spec("conv5", x.shape[1:], 0.25, 64, 64))
+    model = checkpoints.build(checkpoints.make_spec("conv5", x.shape[1:], "chw", 0.25, 64, 64))
     expected = 3.0 * F.mse_loss(model(x), to_target(y))
     loss = objective.step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, None, 1.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -78,7 +78,7 @@ def test_adversarial_term_trains_d_to_tell_and_g_to_fool(built, tmp_path):
     with feature_cache.open_for(cfg, ["conv5"]) as cache:
         objective = losses.Objective(cfg, cache, "conv5", torch.device("cpu"))
         x, y = one_batch(cache)
-    model = checkpoints.build(checkpoints.make_spec("conv5", x.shape[1:], 0.25, 64, 64))
+    model = checkpoints.build(checkpoints.make_spec("conv5", x.shape[1:], "chw", 0.25, 64, 64))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     g0, d0 = copy.deepcopy(model.state_dict()), copy.deepcopy(objective.d.state_dict())
     loss = objective.step(model, optimizer, x, y, None, 1.0)

@@ -87,7 +87,7 @@ def test_comparison_grid_caption(monkeypatch, tmp_path):
         seen.append(fig._suptitle.get_text())
         figures.plt.close(fig)
         return []
-    monkeypatch.setattr(figures, "_save", capture)
+    monkeypatch.setattr(figures, "save", capture)
     images = np.zeros((1, 4, 4, 3))
     figures.comparison_grid(images, {"conv2": images}, ["a"], tmp_path / "g", "note")
     figures.comparison_grid(images, {"conv2": images}, ["a"], tmp_path / "g", "note", caption="Decoder vs optimisation")
