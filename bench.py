@@ -14,8 +14,9 @@ app = typer.Typer(add_completion=False)
 def main(images: int = typer.Option(512, help="Synthetic training images (8 classes)."),
          batch: int = typer.Option(64, help="Batch size for every measurement."),
          steps: int = typer.Option(5, help="Timed training steps per measurement (after one warm-up)."),
-         device: str = typer.Option("auto", help="auto, cpu, cuda, mps.")):
-    print(json.dumps(bench.run(images, batch, steps, device)))
+         device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
+         window: float = typer.Option(1.0, min=0.01, help="Seconds each throughput timing runs.")):
+    print(json.dumps(bench.run(images, batch, steps, device, window)))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from .images import to_target
 ORIGINAL_SIZE = {"conv2": 416, "fc6": 128}
 
 
-def run(images=512, batch=64, steps=5, device="auto"):
+def run(images=512, batch=64, steps=5, device="auto", window=1.0):
+    """Every measurement; `window` is the seconds each throughput timing runs (shorter: noisier)."""
     device = runtime.pick_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -41,9 +42,10 @@ def run(images=512, batch=64, steps=5, device="auto"):
         n = classes * (per_class + 1)
         console.print(f"bench: {n} synthetic 64x64 images, batch {batch}, {steps} timed steps, "
                       f"on {runtime.describe_device(device)}")
-        b = SimpleNamespace(cfg=cfg, tmp=tmp, n=n, batch=batch, steps=steps, device=device, rows=[], out={})
+        b = SimpleNamespace(cfg=cfg, tmp=tmp, n=n, batch=batch, steps=steps, device=device, window=window,
+                            rows=[], out={})
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            rate = b.out[f"matmul_gflops_{name}"] = _matmul_rate(dtype, device)
+            rate = b.out[f"matmul_gflops_{name}"] = _matmul_rate(dtype, device, min_seconds=window / 2)
             b.rows.append((f"dense matmul 2048x2048, {name} (`matmul_gflops_{name}`)",
                            "no fast kernel here" if rate is None else f"{rate:,.0f} GFLOP/s", None, ""))
         job = _extraction(b)
@@ -115,7 +117,7 @@ def _training_steps(b, cache, alexnet):
 def _cache_io(b, cache, job, cached):
     """Reading training batches, and writing the cache with every compression setting."""
     for mode in ("memory", "hdf5"):
-        rate = b.out[f"read_samples_per_s_{mode}"] = _read_rate(cache, "conv2", b.batch, mode, b.device)
+        rate = b.out[f"read_samples_per_s_{mode}"] = _read_rate(cache, "conv2", b.batch, mode, b.device, b.window)
         b.rows.append((f"read conv2 training batches ({'in memory' if mode == 'memory' else 'streamed from HDF5'})",
                        f"{rate:,.0f} samples/s", None, ""))
     written = {setting: _write_seconds(cache, job, b.tmp / f"write-{setting}.h5", b.batch, setting)
@@ -125,7 +127,7 @@ def _cache_io(b, cache, job, cached):
     b.rows.append(("cache writer, HDF5 (`write_mb_per_s`)",
                    f"{rate:,.0f} MB/s (extraction above needs {b.extract_rate * _bytes_per_image(cache) / 1e6:,.1f})",
                    None, ""))
-    b.rows += _compression_rows(b.out, b.tmp, written, b.n / b.extract_rate, b.n, train_n, cached, b.batch, b.device)
+    b.rows += _compression_rows(b, written, b.n / b.extract_rate, train_n, cached)
 
 
 def _decoding(b, job):
@@ -133,7 +135,7 @@ def _decoding(b, job):
     for workers in (1, 2):
         rates[workers] = b.out[f"decode_img_per_s_{workers}_worker{'s' if workers > 1 else ''}"] = \
             _decode_rate(job.dataset, [m for m, _ in job.split.train + job.split.eval],
-                         b.cfg["data.image_size"], b.batch, workers)
+                         b.cfg["data.image_size"], b.batch, workers, b.window)
     b.out["decode_scaling_2_workers"] = rates[2] / rates[1]
     b.rows.append(("JPEG decode from the zip, 1 vs 2 workers (`decode_scaling_2_workers`)",
                    f"{rates[1]:,.0f} vs {rates[2]:,.0f} img/s", b.out["decode_scaling_2_workers"], ">= 1.6"))
@@ -296,20 +298,21 @@ def _bytes_per_image(cache):
     return sum(group[k][0].nbytes for k in ("images", *config.LAYERS))
 
 
-def _compression_rows(out, tmp, written, extract_seconds, n, train_n, cached, batch, device):
+def _compression_rows(b, written, extract_seconds, train_n, cached):
     """Per cache.compression setting, from the training split written again with it: file size
     against the uncompressed one, extraction images/s (the uncompressed extraction plus the extra
     writer time, scaled to all n images), and training input streamed from it against the steps
     it feeds (conv2 in the keys, the tightest layer in the table)."""
-    rows, base = [], tmp / "write-none.h5"
+    out, n, batch = b.out, b.n, b.batch
+    rows, base = [], b.tmp / "write-none.h5"
     for setting, seconds in written.items():
-        path = tmp / f"write-{setting}.h5"
+        path = b.tmp / f"write-{setting}.h5"
         ratio = out[f"cache_ratio_{setting}"] = base.stat().st_size / path.stat().st_size
         extract = out[f"extract_img_per_s_{setting}"] = n / (extract_seconds + (seconds - written["none"]) * n / train_n)
         with feature_cache.Cache(path, feature_cache.read_attrs(path)) as cache:
             per_image = {name: ds.id.get_storage_size() / train_n for name, ds in cache["train"].items()
                          if name in ("images", *config.LAYERS)}
-            stream = {layer: _read_rate(cache, layer, batch, "hdf5", device) for layer in config.LAYERS}
+            stream = {layer: _read_rate(cache, layer, batch, "hdf5", b.device, b.window) for layer in config.LAYERS}
         out[f"stream_samples_per_s_{setting}"] = stream["conv2"]
         tight = min(config.LAYERS, key=lambda layer: stream[layer] * cached[layer] / batch)
         rows.append((f"cache.compression={setting}: size ratio (`cache_ratio_{setting}`), extraction",

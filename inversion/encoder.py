@@ -191,7 +191,7 @@ def feature_shapes(arch, input_size, layers):
 
 def feature_layouts(arch, input_size, layers):
     """{layer: (shape without batch, layout)}; a node no decoder can read is refused in one line."""
-    found = _classify(_probe(arch, input_size, layers))
+    found = _classified(arch, input_size, tuple(layers))
     for layer in layers:
         shape, layout, reason = found[layer]
         if layout is None:
@@ -204,7 +204,7 @@ def feature_layouts(arch, input_size, layers):
 def list_nodes(arch, input_size):
     """[(node, shape without batch or None, layout or None, why not where None)] for every node of
     the arch's eval graph, in network order."""
-    return [(name, *value) for name, value in _classify(_probe(arch, input_size)).items()]
+    return [(name, *value) for name, value in _classified(arch, input_size, None).items()]
 
 
 def layout_text(shape, layout):
@@ -221,6 +221,13 @@ def layout_text(shape, layout):
 # the input are the spatial ones, which tells (C, H, W) from (H, W, C) and tokens from channels.
 PROBE_BATCHES = (2, 3)
 PROBE_STEP = 32
+
+
+@functools.lru_cache(maxsize=64)
+def _classified(arch, input_size, layers):
+    """`_classify(_probe(...))`, remembered: tracing a graph costs up to seconds (MaxViT), and one command
+    (or test session) asks about the same arch and nodes several times. Plain tuples: nothing to mutate."""
+    return _classify(_probe(arch, input_size, None if layers is None else list(layers)))
 
 
 def _probe(arch, input_size, layers=None):
