@@ -127,6 +127,22 @@ def reload(identity):
     return model if again == identity else None
 
 
+def reload_exactly(identity, cache_path, remedy):
+    """The encoder a cache was built with, loaded again, for work that must see exactly the cached
+    features' encoder; else a one-line UserError saying why not and what to do (`remedy`)."""
+    model = reload(identity)
+    if model is not None:
+        return model
+    if identity["kind"] == "file":
+        reason = (f"{identity['path']} is gone" if not Path(identity["path"]).is_file()
+                  else f"{identity['path']} has changed since (its sha256 is no longer {identity['sha256'][:12]})")
+    elif identity["kind"] == "imagenet":
+        reason = "those ImageNet weights cannot be loaded again, or differ"
+    else:
+        reason = "it cannot be built again"
+    raise UserError(f"cache {cache_path} was built with {describe(identity)}, but {reason}; {remedy}")
+
+
 def is_pretrained(identity):
     return identity["kind"] != "random"
 

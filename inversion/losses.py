@@ -192,11 +192,8 @@ def comparator(cfg, cache, node, device):
     from . import encoder  # only here: pixel-only training imports no encoder (nor torchvision)
 
     identity = cache.attrs["encoder"]
-    model = encoder.reload(identity)
-    if model is None:
-        raise UserError(f"loss.feature: the comparator is the encoder cache {cache.path} was built with "
-                        f"({encoder.describe(identity)}), and it cannot be loaded again identically; set "
-                        f"loss.feature=0 or re-run extract_features.py")
+    model = encoder.reload_exactly(identity, cache.path, "the feature loss's comparator is that encoder: set "
+                                   "loss.feature=0 or re-run extract_features.py")
     try:
         taps = encoder.extractor(model, identity.get("arch", "alexnet"), [node]).to(device)
     except UserError as e:

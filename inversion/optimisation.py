@@ -131,11 +131,8 @@ def run(cfg, layers=None, num_images=None, fresh=False, split="eval"):
 def _run(cfg, cache, layers, num_images, fresh, split):
     out = Path(cfg["output.dir"])
     identity = cache.attrs["encoder"]
-    model = encoder.reload(identity)
-    if model is None:
-        raise UserError(f"cache {cache.path} was built with {encoder.describe(identity)}, which cannot be "
-                        f"loaded again here (weights missing or changed); inversion by optimisation must run "
-                        f"through the encoder that built the cache")
+    model = encoder.reload_exactly(identity, cache.path, "inversion by optimisation must run through the "
+                                   "encoder that built the cache")
     decoders = inference.load_decoders(cfg, cache, layers)
     device = runtime.pick_device(cfg["device"])
     model = model.to(device)

@@ -31,7 +31,8 @@ def reconstruct(cfg, paths, layers=None):
     with Timer() as timer:
         with feature_cache.open_for(cfg) as cache:
             identity, built = cache.attrs["encoder"], cache.attrs["config"]
-            model = _same_encoder(identity, cache.path)
+            model = encoder.reload_exactly(identity, cache.path, "the decoders invert that encoder only: re-run "
+                                           "extract_features.py and train_decoders.py --fresh")
             device = runtime.pick_device(cfg["device"])
             job = SimpleNamespace(
                 identity=identity, built=built, size=cache["eval"]["images"].shape[1], device=device,
@@ -116,22 +117,6 @@ def collect(paths):
             warn(f"{path}: no such file or folder; skipped")
             missing.append(path)
     return list(dict.fromkeys(files)), missing
-
-
-def _same_encoder(identity, cache_path):
-    """The cache's encoder, loaded again; refused unless its identity (weights file hash, seed) matches."""
-    model = encoder.reload(identity)
-    if model is not None:
-        return model
-    if identity["kind"] == "file":
-        reason = (f"{identity['path']} is gone" if not Path(identity["path"]).is_file()
-                  else f"{identity['path']} has changed since (its sha256 is no longer {identity['sha256'][:12]})")
-    elif identity["kind"] == "imagenet":
-        reason = "those ImageNet weights cannot be loaded again, or differ"
-    else:
-        reason = "it cannot be built again"
-    raise UserError(f"cache {cache_path} was built with {encoder.describe(identity)}, but {reason}; the decoders "
-                    f"invert that encoder only: re-run extract_features.py and train_decoders.py --fresh")
 
 
 def _output_names(files):

@@ -7,7 +7,7 @@ from PIL import Image, features
 from typer.testing import CliRunner
 
 from conftest import make_cfg
-from inversion import data, extraction, feature_cache, figures, own_images
+from inversion import data, encoder, extraction, feature_cache, figures, own_images
 from inversion.errors import UserError
 
 
@@ -96,7 +96,7 @@ def test_reconstruct_refuses_an_encoder_other_than_the_caches(tiny_zip, tmp_path
     extraction.extract(cfg)
     with feature_cache.open_for(cfg) as cache:
         identity, path = cache.attrs["encoder"], cache.path
-    assert own_images._same_encoder(identity, path) is not None  # unchanged: accepted
+    assert encoder.reload_exactly(identity, path, "") is not None  # unchanged: accepted
     torch.manual_seed(2)
     torch.save(torchvision.models.alexnet().state_dict(), weights)  # same name, other weights
     (tmp_path / "pic.png").write_bytes(b"")
