@@ -37,13 +37,8 @@ def _render(cfg, cache, layers, num_images):
     recon = {layer: inference.decode(model, cache["eval"][layer], 256, device) for layer, (model, _) in decoders.items()}
 
     normaliser = metrics.pair_distance(originals, cfg["seed"])
-    scores = {layer: metrics.summarize(originals, r, normaliser) for layer, r in recon.items()}
+    scores, top1 = _scores(cfg, cache, images, originals, recon, normaliser, device)
     baselines = _baselines(cache, originals, labels, normaliser)
-    top1 = _top1(cfg, identity, images, recon, device)
-    for layer, value in top1.items():
-        scores[layer]["top1_agreement"] = value
-    for layer, values in comparison.sharpness(cfg, cache, originals, recon, device).items():
-        scores[layer].update(values)
     compared = _compared(cfg, cache, originals, recon, normaliser, device)
 
     provenance = json.dumps({"config_hash": config.digest(cfg), "cache_hash": cache.attrs["cache_hash"],
@@ -88,6 +83,17 @@ def _render(cfg, cache, layers, num_images):
                          normaliser)
     _show(report)
     return {"report": report, "files": files + [out / "metrics.json", out / "results.md", page]}
+
+
+def _scores(cfg, cache, images, originals, recon, normaliser, device):
+    """({layer: metrics}, {layer: top-1 agreement}, empty where skipped) of the reconstructions."""
+    scores = {layer: metrics.summarize(originals, r, normaliser) for layer, r in recon.items()}
+    top1 = _top1(cfg, cache.attrs["encoder"], images, recon, device)
+    for layer, value in top1.items():
+        scores[layer]["top1_agreement"] = value
+    for layer, values in comparison.sharpness(cfg, cache, originals, recon, device).items():
+        scores[layer].update(values)
+    return scores, top1
 
 
 def _figures(cfg, cache, decoders, recon, num_images, note, provenance, out):
