@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import figures, inference, metrics
+from . import encoder, figures, inference, metrics
 from .console import warn
 from .images import to_hwc
 
@@ -31,7 +31,6 @@ def sharpness(cfg, cache, originals, recon, device, batch=64):
 
 def feature_errors(cfg, cache, originals, recon, device, batch=64):
     """{layer: {layer: error, comparator: error}} for the reconstructions of each layer."""
-    from . import encoder  # render.py loads it anyway (top-1); kept local like the comparator's
 
     identity = cache.attrs["encoder"]
     model = encoder.reload(identity)
