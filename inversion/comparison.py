@@ -31,7 +31,6 @@ def sharpness(cfg, cache, originals, recon, device, batch=64):
 
 def feature_errors(cfg, cache, originals, recon, device, batch=64):
     """{layer: {layer: error, comparator: error}} for the reconstructions of each layer."""
-
     identity = cache.attrs["encoder"]
     model = encoder.reload(identity)
     if model is None:
