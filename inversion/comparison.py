@@ -16,6 +16,7 @@ import torch
 
 from . import encoder, figures, inference, metrics
 from .console import warn
+from .errors import UserError
 from .images import to_hwc
 
 
@@ -38,7 +39,12 @@ def feature_errors(cfg, cache, originals, recon, device, batch=64):
         return {}
     arch, size, comparator = identity.get("arch", "alexnet"), cfg["encoder.input_size"], cfg["loss.comparator"]
     nodes = list(dict.fromkeys([*recon, comparator]))
-    taps = encoder.extractor(model.to(device), arch, nodes)
+    try:
+        taps = encoder.extractor(model.to(device), arch, nodes)
+    except UserError:  # the default comparator (AlexNet's conv5) is no node of another arch
+        warn(f"feature error at the comparator skipped: loss.comparator={comparator} is not a node of {arch}")
+        comparator, nodes = None, list(recon)
+        taps = encoder.extractor(model.to(device), arch, nodes)
 
     @torch.inference_mode()
     def encode(images):
@@ -55,7 +61,7 @@ def feature_errors(cfg, cache, originals, recon, device, batch=64):
     for layer, r in recon.items():
         features = encode(r)
         errors[layer] = {node: metrics.feature_error(reference[node], features[node], cfg["seed"])
-                         for node in dict.fromkeys([layer, comparator])}
+                         for node in dict.fromkeys([layer, comparator or layer])}
     return errors
 
 

@@ -4,9 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from inversion import figures, report
+from inversion import feature_cache, figures, report
+from inversion.images import to_target
 from inversion.errors import UserError
 
 
@@ -117,3 +119,16 @@ def test_sharpness_metrics_and_a_second_run_side_by_side(trained, built, tmp_pat
         assert np.asarray(im.convert("L")).std() > 5
     with pytest.raises(UserError, match="no decoder checkpoints under"):
         report.render(dict(cfg, **{"render.compare_with": [str(tmp_path / "nothing")]}))
+
+
+def test_feature_error_skips_a_comparator_the_arch_does_not_have(trained, capsys):
+    """The default comparator is AlexNet's conv5: another arch's render still scores its own layers."""
+    from inversion import comparison
+
+    cfg = dict(trained, **{"loss.comparator": "no_such_node"})
+    with feature_cache.open_for(cfg) as cache:
+        originals = to_target(torch.from_numpy(cache.load("eval", "images")))
+        recon = {"conv5": originals.clamp(0, 1) * 0.5}
+        errors = comparison.feature_errors(cfg, cache, originals, recon, torch.device("cpu"))
+    assert list(errors["conv5"]) == ["conv5"] and errors["conv5"]["conv5"] > 0
+    assert "loss.comparator=no_such_node is not a node of alexnet" in capsys.readouterr().err
