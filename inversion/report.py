@@ -79,8 +79,8 @@ def _render(cfg, cache, layers, num_images):
                        _markdown(report) + _compared_section(report, cfg["output.dir"])
                        + _optimisation_section(out / "optimisation.json", report["cache_hash"]))
     rows = figures.choose_rows(labels, num_images, cfg["seed"])  # the comparison grid's images
-    page = webpage.write(out, report, originals[rows], {layer: r[rows] for layer, r in recon.items()}, labels[rows],
-                         normaliser)
+    page = webpage.write(out, report, ([title for _, title, _ in COLUMNS], list(_metric_rows(report))), originals[rows],
+                         {layer: r[rows] for layer, r in recon.items()}, labels[rows], normaliser)
     _show(report)
     return {"report": report, "files": files + [out / "metrics.json", out / "results.md", page]}
 

@@ -23,8 +23,6 @@ from . import storage
 from .images import to_uint8
 
 NAME = "report.html"
-COLUMNS = (("mse", "MSE", "{:.5f}"), ("psnr_db", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
-           ("normalized_error", "norm. error", "{:.3f}"), ("top1_agreement", "top-1 agree", "{:.1%}"))
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 0 auto; padding: 0 16px 48px; color: #222; }
 h1 { margin-bottom: 4px; } h2 { border-bottom: 1px solid #ccc; margin-top: 36px; }
@@ -39,11 +37,12 @@ dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; } dd
 """
 
 
-def write(out, report, originals, reconstructions, labels, normaliser):
-    """Write the page into `out`; returns its path. `originals` (N, 3, S, S) float in [0, 1] and
-    `reconstructions` {layer: (N, 3, S, S)} are the comparison grid's images, `labels` their classes."""
+def write(out, report, table, originals, reconstructions, labels, normaliser):
+    """Write the page into `out`; returns its path. `table` is results.md's: (column titles, [(row name,
+    formatted cells)]). `originals` (N, 3, S, S) float in [0, 1] and `reconstructions` {layer: (N, 3, S,
+    S)} are the comparison grid's images, `labels` their classes."""
     out = Path(out)
-    parts = [_header(report), _results(report)]
+    parts = [_header(report), _results(report, table)]
     figures = [out / name for name in report["figures"] if name.endswith(".png")]
     parts.append(_figures("Loss curves", [f for f in figures if f.name.startswith("loss_")]))
     parts.append(_figures("Comparison grid", [f for f in figures if f.name == "reconstructions.png"]))
@@ -84,17 +83,14 @@ def _header(report):
             "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts.items()) + "</dl>")
 
 
-def _results(report):
-    rows = [(layer, values) for layer, values in report["layers"].items()]
-    rows += [(f"baseline: {name.replace('_', ' ')}", values) for name, values in report["baselines"].items()]
-    body = "".join(
-        f"<tr><th scope=\"row\">{_e(name)}</th>"
-        + "".join(f"<td class=\"num\">{fmt.format(values[key]) if key in values else '-'}</td>"
-                  for key, _, fmt in COLUMNS) + "</tr>\n" for name, values in rows)
+def _results(report, table):
+    titles, rows = table
+    body = "".join(f"<tr><th scope=\"row\">{_e(name)}</th>"
+                   + "".join(f"<td class=\"num\">{_e(cell)}</td>" for cell in cells) + "</tr>\n" for name, cells in rows)
     note = (f"<p>Top-1 agreement {_e(report['top1_agreement'])}.</p>"
             if isinstance(report["top1_agreement"], str) else "")
     return ("<h2 id=\"results\">Results</h2>\n<table class=\"results\">\n<tr><th>reconstruction from</th>"
-            + "".join(f"<th>{title}</th>" for _, title, _ in COLUMNS) + "</tr>\n" + body + "</table>\n" + note)
+            + "".join(f"<th>{_e(title)}</th>" for title in titles) + "</tr>\n" + body + "</table>\n" + note)
 
 
 def _figures(title, paths):
