@@ -8,13 +8,12 @@ on the same cache (`render.compare_with`), and the two figures that compare them
 - High-frequency ratio (metrics.high_frequency_ratio): needs no network at all.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import encoder, figures, inference, metrics
+from . import encoder, figures, inference, metrics, optimisation
 from .console import warn
 from .errors import UserError
 from .images import to_hwc
@@ -78,11 +77,8 @@ def other_runs(cfg, cache, layers, device):
 
 def optimisation_images(out, cache_hash):
     """{layer: (eval rows, images)} stored by invert_by_optimisation.py on this cache, else {}."""
-    try:
-        result = json.loads((Path(out) / "optimisation.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if result.get("cache_hash") != cache_hash or result.get("split") != "eval":
+    result = optimisation.stored(Path(out) / optimisation.RESULTS, cache_hash)
+    if result is None:
         return {}
     rows = np.array([image["index"] for image in result["images"]])
     found = {}

@@ -221,6 +221,18 @@ def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size):
                        "objective_end": history[-1], "feature_distance": trace["feature_distance"]}
 
 
+def stored(path, cache_hash):
+    """The results file at `path` (an `optimisation.json`) when it was made on this very cache's eval images,
+    else None: numbers from another cache or split would not describe that cache's decoders."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if result.get("cache_hash") != cache_hash or result.get("split") != "eval" or not result.get("layers"):
+        return None
+    return result
+
+
 def _merged(result, previous, order):
     """This run's layers plus the finished ones of a previous run with the same settings that this
     run did not ask for (`--layers fc8` after a full run keeps conv2's results), in network order."""

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from . import (analyses, comparison, config, encoder, feature_cache, figures, inference, metrics, runtime, storage,
-               webpage)
+from . import (analyses, comparison, config, encoder, feature_cache, figures, inference, metrics, optimisation, runtime,
+               storage, webpage)
 from .images import to_hwc, to_target, to_uint8
 from .console import Timer, console, summary, warn
 from .errors import UserError
@@ -259,12 +259,9 @@ def _markdown_row(cells):
     return "| " + " | ".join(cells) + " |"
 def _optimisation_section(path, cache_hash):
     """Decoder vs inversion by optimisation (invert_by_optimisation.py), only when that ran on
-    this very cache's eval images: numbers from another cache would not describe these decoders."""
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return ""
-    if result.get("cache_hash") != cache_hash or result.get("split") != "eval" or not result.get("layers"):
+    this very cache's eval images (`optimisation.stored`)."""
+    result = optimisation.stored(path, cache_hash)
+    if result is None:
         return ""
     lines = ["", "## Decoder vs inversion by optimisation", "",
              f"The same {len(result['images'])} eval images, {result['settings']['iterations']} iterations "

@@ -13,13 +13,12 @@ present, and one row per grid image: its class, the original and every layer's r
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from . import storage
+from . import optimisation, storage
 from .images import to_uint8
 
 NAME = "report.html"
@@ -117,11 +116,8 @@ def _analyses(report, paths):
 
 def _optimisation(out, cache_hash):
     """Decoder vs inversion by optimisation, only when it ran on this cache's eval images (as results.md)."""
-    try:
-        result = json.loads((out / "optimisation.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    if result.get("cache_hash") != cache_hash or result.get("split") != "eval" or not result.get("layers"):
+    result = optimisation.stored(out / optimisation.RESULTS, cache_hash)
+    if result is None:
         return ""
     rows = "".join(
         f"<tr><th scope=\"row\">{_e(layer)}</th><td>{method}</td>"
