@@ -15,8 +15,9 @@ def main(images: int = typer.Option(512, help="Synthetic training images (8 clas
          batch: int = typer.Option(64, help="Batch size for every measurement."),
          steps: int = typer.Option(5, help="Timed training steps per measurement (after one warm-up)."),
          device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
-         window: float = typer.Option(1.0, min=0.01, help="Seconds each throughput timing runs.")):
-    print(json.dumps(bench.run(images, batch, steps, device, window)))
+         window: float = typer.Option(1.0, min=0.01, help="Seconds each throughput timing runs."),
+         fc_width: int = typer.Option(4096, help="Units of the fc decoders' fc layers (decoder.fc_width).")):
+    print(json.dumps(bench.run(images, batch, steps, device, window, fc_width)))
 
 
 if __name__ == "__main__":

@@ -64,8 +64,9 @@ def print_caches(cfg):
         return
     mine = feature_cache.path_for(cfg).name
     table = Table(title=f"feature caches under {cfg['cache.dir']} (* = this config's)", show_lines=True)
+    name_width = max((len(e["path"].name) for e in entries), default=0)  # a file name is never cut
     for column in ("", "file", "data", "encoder", "features"):
-        table.add_column(column, overflow="fold", min_width=29 if column == "file" else None)
+        table.add_column(column, overflow="fold", min_width=name_width if column == "file" else None)
     for e in entries:
         file = f"{e['path'].name}\n{storage.size_text(e['bytes'])}, {e['status']}\n{e['created'].replace('T', ' ')[:16]}"
         if "data" not in e:

@@ -24,14 +24,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import batching, config, data, encoder, extraction, feature_cache, runtime, synthetic, training
 from .console import console
-from .decoders import LEAK, Decoder
+from .decoders import FC_WIDTH, LEAK, Decoder
 from .images import to_target
 
 ORIGINAL_SIZE = {"conv2": 416, "fc6": 128}
 
 
-def run(images=512, batch=64, steps=5, device="auto", window=1.0):
-    """Every measurement; `window` is the seconds each throughput timing runs (shorter: noisier)."""
+def run(images=512, batch=64, steps=5, device="auto", window=1.0, fc_width=FC_WIDTH):
+    """Every measurement; `window` is the seconds each throughput timing runs (shorter: noisier);
+    `fc_width` sizes the fc decoders (the paper's 4096 by default; a smoke test runs them tiny)."""
     device = runtime.pick_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -43,7 +44,7 @@ def run(images=512, batch=64, steps=5, device="auto", window=1.0):
         console.print(f"bench: {n} synthetic 64x64 images, batch {batch}, {steps} timed steps, "
                       f"on {runtime.describe_device(device)}")
         b = SimpleNamespace(cfg=cfg, tmp=tmp, n=n, batch=batch, steps=steps, device=device, window=window,
-                            rows=[], out={})
+                            fc_width=fc_width, rows=[], out={})
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             rate = b.out[f"matmul_gflops_{name}"] = _matmul_rate(dtype, device, min_seconds=window / 2)
             b.rows.append((f"dense matmul 2048x2048, {name} (`matmul_gflops_{name}`)",
@@ -54,7 +55,7 @@ def run(images=512, batch=64, steps=5, device="auto", window=1.0):
             _cache_io(b, cache, job, cached)
         _decoding(b, job)
         big_zip = synthetic.write_zip(tmp / "tiny4.zip", classes, 4 * per_class, 1)
-        (base1, small), (base4, large) = (_peak_rss(tmp / f"rss{k}", big_zip, k * per_class, batch) for k in (1, 4))
+        (base1, small), (base4, large) = _peak_rss([tmp / "rss1", tmp / "rss4"], big_zip, [per_class, 4 * per_class], batch)
         b.out["extract_rss_ratio_4x"] = large / small
         b.rows.append((f"extraction peak RSS, 4N vs N = {n} images",
                        f"{large / 2**20:,.0f} vs {small / 2**20:,.0f} MiB (growth: "
@@ -84,11 +85,13 @@ def _training_steps(b, cache, alexnet):
     device, batch, steps, out, rows = b.device, b.batch, b.steps, b.out, b.rows
     data = {layer: torch.from_numpy(cache["train"][layer][:batch]).to(device) for layer in config.LAYERS}
     images_u8 = torch.from_numpy(cache["train"]["images"][:batch]).to(device)
-    cached = {layer: _step_time(_cached_step(data[layer], images_u8, device), steps, device) for layer in config.LAYERS}
+    fc_width = b.fc_width
+    cached = {layer: _step_time(_cached_step(data[layer], images_u8, device, fc_width), steps, device)
+              for layer in config.LAYERS}
     precision = "bf16" if device.type == "cuda" else "fp32"  # what training computes in: bf16 autocast on CUDA
     peak = out[f"matmul_gflops_{precision}"]
     for layer in config.LAYERS:
-        flops = _train_flops(data[layer], images_u8, device)
+        flops = _train_flops(data[layer], images_u8, device, fc_width)
         rate = flops * batch / cached[layer] / 1e9
         if layer == "conv2":
             out["train_flops_fraction"] = rate / peak
@@ -97,18 +100,18 @@ def _training_steps(b, cache, alexnet):
                      f"{flops / 1e6:,.0f} MFLOP/sample x {batch / cached[layer]:,.0f} samples/s = "
                      f"{rate:,.0f} vs {peak:,.0f} GFLOP/s", rate / peak, ">= 0.7" if layer == "conv2" else ""))
     for layer, goal in (("conv2", 20), ("fc6", 3)):
-        original = _step_time(_original_step(layer, alexnet, images_u8, device, b.cfg), steps, device)
+        original = _step_time(_original_step(layer, alexnet, images_u8, device, b.cfg, fc_width), steps, device)
         out[f"orig_vs_cached_{layer}"] = original / cached[layer]
         rows.append((f"{layer}: original step vs cached step", f"{original * 1e3:,.0f} vs {cached[layer] * 1e3:,.0f} ms",
                      out[f"orig_vs_cached_{layer}"], f">= {goal}"))
     online = {}
     for layer in config.LAYERS:
-        t = _step_time(_online_step(layer, alexnet, images_u8, device, b.cfg), steps, device)
+        t = _step_time(_online_step(layer, alexnet, images_u8, device, b.cfg, fc_width), steps, device)
         online[layer] = t / cached[layer]
         rows.append((f"{layer}: online step vs cached step", f"{t * 1e3:,.0f} vs {cached[layer] * 1e3:,.0f} ms",
                      online[layer], ">= 2"))
     out["online_vs_cached"] = min(online.values())
-    unfused = _step_time(_cached_step(data["fc6"], images_u8, device, fused=False), steps, device)
+    unfused = _step_time(_cached_step(data["fc6"], images_u8, device, fc_width, fused=False), steps, device)
     rows.append(("fc6 cached step: for-each Adam vs fused Adam (the default)",
                  f"{unfused * 1e3:,.0f} vs {cached['fc6'] * 1e3:,.0f} ms", unfused / cached["fc6"], ""))
     return cached
@@ -181,26 +184,26 @@ def _train_step(model, inputs, target, device, fused=True):
     return step
 
 
-def _cached_step(features, images_u8, device, fused=True):
+def _cached_step(features, images_u8, device, fc_width, fused=True):
     """Ours: features straight from the cache, 64x64 targets."""
-    return _train_step(Decoder(features.shape[1:]), lambda: features, lambda: to_target(images_u8),
+    return _train_step(Decoder(features.shape[1:], fc_width=fc_width), lambda: features, lambda: to_target(images_u8),
                        device, fused)
 
 
-def _online_step(layer, alexnet, images_u8, device, cfg):
+def _online_step(layer, alexnet, images_u8, device, cfg, fc_width):
     """Our decoder, but with AlexNet run inside the step instead of read from the cache."""
     shape = encoder.feature_shapes("alexnet", cfg["encoder.input_size"], [layer])[layer]
-    return _train_step(Decoder(shape), _tap(alexnet, images_u8, layer, cfg),
+    return _train_step(Decoder(shape, fc_width=fc_width), _tap(alexnet, images_u8, layer, cfg),
                        lambda: to_target(images_u8), device)
 
 
-def _original_step(layer, alexnet, images_u8, device, cfg):
+def _original_step(layer, alexnet, images_u8, device, cfg, fc_width):
     """The original approach: AlexNet in the step, decoder and targets at 416 or 128 px."""
     shape = encoder.feature_shapes("alexnet", cfg["encoder.input_size"], [layer])[layer]
     size = ORIGINAL_SIZE[layer]
     upscaled = lambda: F.interpolate(to_target(images_u8), size=(size, size), mode="bilinear",
                                      align_corners=False)
-    return _train_step(original_decoder(shape), _tap(alexnet, images_u8, layer, cfg), upscaled, device)
+    return _train_step(original_decoder(shape, fc_width), _tap(alexnet, images_u8, layer, cfg), upscaled, device)
 
 
 def _tap(alexnet, images_u8, layer, cfg):
@@ -209,14 +212,14 @@ def _tap(alexnet, images_u8, layer, cfg):
     return lambda: taps(encoder.preprocess(images_u8, cfg["encoder.input_size"]))[layer]
 
 
-def original_decoder(shape):
+def original_decoder(shape, fc_width=FC_WIDTH):
     """The original implementation's halved decoder: 5 up-convolutions from the feature grid
     (13 -> 416 for conv2, 4 -> 128 for fc), leaky ReLU on every layer including the output."""
     layers = []
     if len(shape) == 1:
-        layers += [nn.Linear(shape[0], 4096), nn.LeakyReLU(LEAK), nn.Linear(4096, 4096), nn.LeakyReLU(LEAK),
-                   nn.Linear(4096, 4096), nn.LeakyReLU(LEAK), nn.Unflatten(1, (256, 4, 4))]
-        channels = 256
+        layers += [nn.Linear(shape[0], fc_width), nn.LeakyReLU(LEAK), nn.Linear(fc_width, fc_width), nn.LeakyReLU(LEAK),
+                   nn.Linear(fc_width, fc_width), nn.LeakyReLU(LEAK), nn.Unflatten(1, (fc_width // 16, 4, 4))]
+        channels = fc_width // 16
     else:
         channels = shape[0]
         for _ in range(3):
@@ -269,10 +272,10 @@ def _probe_seconds(dtype, device, n=512):
     return time.perf_counter() - t0
 
 
-def _train_flops(features, images_u8, device):
+def _train_flops(features, images_u8, device, fc_width):
     """Forward + backward FLOPs per sample of a cached training step (matmuls and convolutions,
     as torch's FlopCounterMode counts them; element-wise work and the optimiser are not counted)."""
-    model = Decoder(features.shape[1:]).to(device)
+    model = Decoder(features.shape[1:], fc_width=fc_width).to(device)
     with FlopCounterMode(display=False) as counter, runtime.autocast(device):
         loss = F.mse_loss(model(features.float()).float(), to_target(images_u8))
         loss.backward()
@@ -367,14 +370,24 @@ def _read_rate(cache, layer, batch, mode, device, min_seconds=1.0):
     return done / (time.perf_counter() - t0)
 
 
-def _peak_rss(tmp, zip_path, per_class, batch):
-    """(resident memory before, peak resident memory during) the extraction of per_class*8
-    (+8 eval) images, in a fresh process so nothing else in this one counts."""
-    tmp.mkdir()
+def _peak_rss(tmps, zip_path, per_classes, batch):
+    """Per folder in `tmps`: (resident memory before, peak resident memory during) the extraction of
+    per_class*8 (+8 eval) images, each in a fresh process so nothing else counts; the processes run at
+    once (memory, not time, is measured)."""
     code = "import sys; from inversion import bench; bench.extraction_memory(*sys.argv[1:])"
-    result = subprocess.run([sys.executable, "-c", code, str(tmp), str(zip_path), str(per_class), str(batch)],
-                            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    runs = []
+    for tmp, per_class in zip(tmps, per_classes):
+        tmp.mkdir()
+        runs.append(subprocess.Popen([sys.executable, "-c", code, str(tmp), str(zip_path), str(per_class), str(batch)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).resolve().parent.parent))
+    results = []
+    for run in runs:
+        out, err = run.communicate()
+        if run.returncode:
+            raise RuntimeError(f"bench: the extraction-memory process failed:\n{err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 def extraction_memory(tmp, zip_path, per_class, batch):
