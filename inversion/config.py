@@ -4,6 +4,7 @@ A config is a flat dict keyed by dotted names (``cfg["train.lr"]``). Flat keys m
 ``--set`` overrides, error messages and hashing of config subsets one-liners.
 """
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -81,7 +82,13 @@ SCHEMA = {
     "optimisation.lambda_tv": (3.0, _NUM, lambda v: v >= 0, "a number >= 0"),
     "optimisation.jitter": (0, int, lambda v: v >= 0, "an integer >= 0 (pixels)"),
     "optimisation.init_std": (0.01, _NUM, lambda v: v >= 0, "a number >= 0"),
+    # {layer: {key: value}}: any optimisation.* key above, for that layer only (M&V tune per layer);
+    # each inner value is checked by the key's own check (_check_per_layer).
+    "optimisation.layers": ({}, dict, lambda v: all(isinstance(k, str) and k for k in v),
+                            "a mapping {layer: {optimisation key: value}}"),
 }
+# Keys whose value is a mapping: a YAML file's nesting stops there instead of naming sub-keys.
+_MAPPINGS = tuple(key for key, (_, types, *_) in SCHEMA.items() if types is dict)
 
 # The settings that shape a feature cache; hashed into its file name.
 CACHE_KEYS = ("seed", "data.format", "data.image_size", "split.num_classes", "split.eval_per_class",
@@ -89,7 +96,7 @@ CACHE_KEYS = ("seed", "data.format", "data.image_size", "split.num_classes", "sp
 
 
 def defaults():
-    return {key: _copy(default) for key, (default, *_) in SCHEMA.items()}
+    return {key: copy.deepcopy(default) for key, (default, *_) in SCHEMA.items()}
 
 
 def load(path="config.yaml", overrides=()):
@@ -112,11 +119,13 @@ def load(path="config.yaml", overrides=()):
         key = key.strip()
         if not sep or not key:
             raise UserError(f"--set expects key=value, got {item!r}")
-        _check_known(key, "--set: ")
         try:
-            cfg[key] = yaml.safe_load(text) if text.strip() else None
+            value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             raise UserError(f"--set {key}: cannot parse value {text!r}") from None
+        if not _set_inside_mapping(cfg, key, value):
+            _check_known(key, "--set: ")
+            cfg[key] = value
     cfg["layers"] = _expand_all(cfg["layers"], cfg["encoder.arch"])
     for key, value in cfg.items():
         cfg[key] = _coerce(key, value)
@@ -125,6 +134,7 @@ def load(path="config.yaml", overrides=()):
         raise UserError(f"layers: repeated layer in {cfg['layers']}")
     check_layers(cfg, cfg["layers"], "layers")
     check_layers(cfg, [cfg["loss.comparator"]], "loss.comparator")
+    cfg["optimisation.layers"] = _check_per_layer(cfg, cfg["optimisation.layers"])
     return cfg
 
 
@@ -160,11 +170,46 @@ def digest(obj):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _set_inside_mapping(cfg, key, value):
+    """`--set optimisation.layers.conv5.jitter=4`: one entry of a mapping key, merged into what the file
+    set (the whole mapping is `--set 'optimisation.layers={conv5: {jitter: 4}}'`). False for other keys."""
+    base = next((m for m in _MAPPINGS if key.startswith(m + ".")), None)
+    if base is None:
+        return False
+    outer, sep, inner = key[len(base) + 1:].rpartition(".")  # rpartition: layer names may hold dots
+    if not sep or not outer or not inner:
+        raise UserError(f"--set {key}: expected {base}.<layer>.<key>=value")
+    mapping = cfg[base] if isinstance(cfg[base], dict) else {}
+    entry = mapping.get(outer) if isinstance(mapping.get(outer), dict) else {}
+    cfg[base] = {**mapping, outer: {**entry, inner: value}}
+    return True
+
+
+def _check_per_layer(cfg, per_layer):
+    """optimisation.layers, each inner value checked (and coerced) as its global optimisation.* key is,
+    so a per-layer value can be nothing the global key could not be. Names the full dotted key."""
+    known = [key.split(".", 1)[1] for key in SCHEMA if key.startswith("optimisation.") and key not in _MAPPINGS]
+    check_layers(cfg, list(per_layer), "optimisation.layers")
+    checked = {}
+    for layer, values in per_layer.items():
+        if not isinstance(values, dict):
+            raise UserError(f"config key optimisation.layers.{layer}: invalid value {values!r} "
+                            f"(expected a mapping of optimisation keys, e.g. {{lambda_tv: 10, jitter: 4}})")
+        checked[layer] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise UserError(f"config key optimisation.layers.{layer}.{key}: unknown key "
+                                f"(expected one of {', '.join(known)})")
+            checked[layer][key] = _coerce(f"optimisation.{key}", value)
+            _validate(f"optimisation.{key}", checked[layer][key], f"optimisation.layers.{layer}.{key}")
+    return checked
+
+
 def _flatten(tree, prefix=""):
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and name not in _MAPPINGS:
             flat.update(_flatten(value, name + "."))
         else:
             flat[name] = value
@@ -186,19 +231,17 @@ def _coerce(key, value):
     return value
 
 
-def _validate(key, value):
+def _validate(key, value, name=None):
+    """`name`: the key to name in the error when it is not `key` (a per-layer value checked as `key`)."""
     _, types, check, expected = SCHEMA[key]
     if isinstance(value, bool) and bool not in _as_tuple(types):
         ok = False  # YAML's true/false must not pass as the number 1/0
     else:
         ok = isinstance(value, types) and (check is None or check(value))
     if not ok:
-        raise UserError(f"config key {key}: invalid value {value!r} (expected {expected})")
+        raise UserError(f"config key {name or key}: invalid value {value!r} (expected {expected})")
 
 
 def _as_tuple(types):
     return types if isinstance(types, tuple) else (types,)
 
-
-def _copy(value):
-    return list(value) if isinstance(value, list) else value

@@ -69,6 +69,26 @@ def loss_curves(histories, path, note, provenance=""):
     return written + save(fig, path / "loss_all_layers", ("png", "pdf"), note, provenance)
 
 
+def objective_curves(curves, path, title, note, provenance=""):
+    """An optimisation's objective per iteration, one line per entry of `curves` ({label: {objective,
+    feature_term}}), its feature term dotted in the same colour; log scale, so a tail that still falls
+    shows as a slope, not as a flat line near zero."""
+    fig, ax = plt.subplots(figsize=OBJECTIVE_INCHES)
+    for label, curve in curves.items():
+        steps = np.arange(1, len(curve["objective"]) + 1)
+        ax.plot(steps, curve["objective"], "-", label=label)
+        if curve.get("feature_term"):
+            ax.plot(steps, curve["feature_term"], ":", color=ax.lines[-1].get_color())
+    ax.set(xlabel="iteration", ylabel="mean over images: objective (solid),\nits feature term (dotted)",
+           yscale="log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{title}\n{note}", fontsize=8)
+    fig.subplots_adjust(top=0.86, bottom=0.12, left=0.13, right=0.97)
+    return save(fig, path, ("png",), note, provenance)
+
+
 def comparison_grid(originals, reconstructions, row_labels, path, note, provenance="",
                     caption="Reconstructions from each layer (eval images)"):
     """The paper-style grid: a row per image, columns original | one per layer."""
@@ -173,6 +193,7 @@ def loss_panels_inches(n):
 
 
 LOSS_ALL_INCHES = (6.4, 4.8)
+OBJECTIVE_INCHES = (7.2, 4.8)
 LAYER_GRID_INCHES = (10.0, 5.6)  # for 64-pixel images
 
 

@@ -19,11 +19,14 @@ Choices, so the two methods answer the same question (docs/optimisation-baseline
   (Mahendran & Vedaldi's IJCV 2016 follow-up), so no single pixel grid is over-fitted.
 - The start is the encoder's mean colour plus small seeded Gaussian noise; the result is clamped
   to [0, 1] only for metrics and figures, as decoder outputs are.
+- Every setting may differ per layer (`optimisation.layers`), as M&V tune their regularisers per
+  layer; each layer's stored results say which values it used.
 
 All images of a layer form one batch; the objective is the sum of the per-image objectives, so
 an image's gradient does not depend on the batch. Results are stored per layer as they finish
 (`optimisation.json` plus the images in `optimisation/<layer>.npz`), and a re-run with the same
-settings skips finished layers.
+settings skips finished layers. The objective is stored per iteration and drawn
+(`optimisation_objective.png`), so whether the baseline has stopped falling can be seen, not assumed.
 """
 
 import json
@@ -42,12 +45,30 @@ from .errors import UserError
 
 RESULTS = "optimisation.json"
 FIGURE = "optimisation_vs_decoder"
+OBJECTIVE_FIGURE = "optimisation_objective"
 SPLITS = ("eval", "train")
 
 
 def settings(cfg):
     """The optimisation.* keys without their prefix: what results are pinned to."""
     return {key.split(".", 1)[1]: cfg[key] for key in cfg if key.startswith("optimisation.")}
+
+
+def layer_settings(s, layer):
+    """What `layer` is optimised with: the global settings `s` with its optimisation.layers entry on top."""
+    return {**{key: value for key, value in s.items() if key != "layers"}, **s.get("layers", {}).get(layer, {})}
+
+
+def final_relative_drop(history):
+    """(mean of the second-to-last tenth of the trace - mean of the last tenth) / mean of the last tenth:
+    how much the objective still fell at the end (small = it has stopped falling); None under 2 steps.
+    Under the cosine schedule the last tenth's steps are under 2.5% of lr, so a small value says the
+    run has settled, not that more iterations would not help: compare runs of different lengths for that."""
+    if len(history) < 2:
+        return None
+    n = max(1, len(history) // 10)
+    last, before = float(np.mean(history[-n:])), float(np.mean(history[-2 * n:-n]))
+    return (before - last) / last if last else None
 
 
 def alpha_norm(u, alpha):
@@ -81,8 +102,8 @@ def invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step=Non
     """Optimise a batch of images towards `phi0` (B, *shape) on phi0's device.
 
     Returns (images (B, 3, S, S) clamped to [0, 1] on the CPU, {objective: [mean per step],
-    feature_distance: {start, end}}), the feature distance being the mean relative
-    ||phi(x) - phi0|| / ||phi0|| without jitter.
+    feature_term: [its feature term's mean per step], feature_distance: {start, end}}), the feature
+    distance being the mean relative ||phi(x) - phi0|| / ||phi0|| without jitter.
     """
     device = phi0.device
     generator = torch.Generator().manual_seed(seed)
@@ -93,16 +114,17 @@ def invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step=Non
         optimizer = torch.optim.Adam([x], lr=s["lr"])
     else:
         optimizer = torch.optim.SGD([x], lr=s["lr"], momentum=s["momentum"])
-    history = []
+    history, fits = [], []
     for step in range(s["iterations"]):
         for group in optimizer.param_groups:
             group["lr"] = s["lr"] * 0.5 * (1 + math.cos(math.pi * step / s["iterations"]))
         shift = tuple(torch.randint(-s["jitter"], s["jitter"] + 1, (2,), generator=generator).tolist())
-        value, _ = objective(taps, layer, x, phi0, s, input_size, arch, shift)
+        value, fit = objective(taps, layer, x, phi0, s, input_size, arch, shift)
         optimizer.zero_grad(set_to_none=True)
         value.sum().backward()
         optimizer.step()
         history.append(value.mean().item())
+        fits.append(fit.mean().item())
         if not math.isfinite(history[-1]):
             raise UserError(f"{layer}: the objective became {history[-1]} at step {step + 1}; "
                             f"try a lower optimisation.lr")
@@ -111,7 +133,7 @@ def invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step=Non
     with torch.no_grad():
         distance = {"start": _distance(taps, layer, start, phi0, input_size, arch),
                     "end": _distance(taps, layer, x, phi0, input_size, arch)}
-    return x.detach().clamp(0, 1).cpu(), {"objective": history, "feature_distance": distance}
+    return x.detach().clamp(0, 1).cpu(), {"objective": history, "feature_term": fits, "feature_distance": distance}
 
 
 def run(cfg, layers=None, num_images=None, fresh=False, split="eval"):
@@ -148,6 +170,10 @@ def _run(cfg, cache, layers, num_images, fresh, split):
     guard = {"cache_hash": cache.attrs["cache_hash"], "split": split, "rows": rows.tolist(), "settings": s,
              "seed": cfg["seed"]}
     previous = _previous(out, guard, fresh)
+    unused = [layer for layer in s["layers"] if layer not in cache.attrs["layers"]]
+    if unused:
+        warn(f"optimisation.layers names {', '.join(unused)}, which this cache does not hold; ignored")
+    used = {layer: layer_settings(s, layer) for layer in decoders}
     names = cache.attrs["class_names"]
     result = {
         "config_hash": config.digest(cfg), "cache": str(cache.path), "cache_hash": cache.attrs["cache_hash"],
@@ -155,10 +181,12 @@ def _run(cfg, cache, layers, num_images, fresh, split):
         "device": runtime.describe_device(device), "versions": runtime.versions(), "split": split,
         "images": [{"index": int(i), "label": int(labels[i]), "name": names[labels[i]]} for i in rows],
         "settings": s, "guard": guard, "normaliser_mean_pair_distance": normaliser,
-        "figure": f"{FIGURE}.png", "layers": {},
+        "figure": f"{FIGURE}.png", "objective_figure": f"{OBJECTIVE_FIGURE}.png", "layers": {},
     }
     console.print(f"inverting {len(rows)} {split} images from {', '.join(decoders)} by optimisation "
-                  f"({s['iterations']} iterations, {s['optimizer']}) on {runtime.describe_device(device)}")
+                  f"({_per_layer({l: u['iterations'] for l, u in used.items()}, 'iterations')}, "
+                  f"{_per_layer({l: u['optimizer'] for l, u in used.items()}, 'optimizer')}) "
+                  f"on {runtime.describe_device(device)}")
     computed, pictures = 0, {}
     for layer, (decoder, checkpoint) in decoders.items():
         features = _read_rows(cache[split][layer], rows)
@@ -169,7 +197,8 @@ def _run(cfg, cache, layers, num_images, fresh, split):
             optimised = torch.from_numpy(np.load(stored)["images"])
             entry = previous["layers"][layer]["optimisation"]
         else:
-            optimised, entry = _optimise_layer(cfg, model, arch, layer, phi0, originals.shape[-1], s, input_size)
+            optimised, entry = _optimise_layer(cfg, model, arch, layer, phi0, originals.shape[-1], used[layer],
+                                               input_size)
             entry.update(metrics.summarize(originals, optimised, normaliser))
             _save_images(stored, optimised)
             computed += 1
@@ -183,6 +212,7 @@ def _run(cfg, cache, layers, num_images, fresh, split):
         pictures[layer] = (decoded, optimised)
         _write_json(out / RESULTS, _merged(result, previous, cache.attrs["layers"]))  # stored as each layer finishes
     _figure(result, originals, pictures, [names[labels[i]].split(",")[0] for i in rows], out)
+    _objective_figure(result, out)
     _show(result)
     return result, computed
 
@@ -193,14 +223,69 @@ def _figure(result, originals, pictures, row_labels, out):
     for layer, (decoded, optimised) in pictures.items():
         columns[f"{layer} decoder"] = to_hwc(decoded)
         columns[f"{layer} optim."] = to_hwc(optimised)
-    provenance = json.dumps({"config_hash": result["config_hash"], "cache_hash": result["cache_hash"],
-                             "versions": result["versions"]}, sort_keys=True)
     figures.comparison_grid(to_hwc(originals), columns, row_labels, out / FIGURE, result["encoder_description"],
-                            provenance, caption=f"Decoder vs optimisation ({result['split']} images, "
-                                                f"{result['settings']['iterations']} iterations)")
+                            _provenance(result), caption=f"Decoder vs optimisation ({result['split']} images, "
+                                                         f"{iterations_text(result)})")
+
+
+def _objective_figure(result, out):
+    """The objective per iteration of each layer this run shows (resumed layers from their stored trace):
+    the evidence that the baseline was run until it stopped falling, or that it was not."""
+    curves = {}
+    for layer, methods in result["layers"].items():
+        entry = methods["optimisation"]
+        if entry.get("objective"):
+            drop = entry.get("final_relative_drop")
+            label = f"{layer} (final drop {drop:.2%})" if drop is not None else layer
+            curves[label] = {"objective": entry["objective"], "feature_term": entry.get("feature_term")}
+    if curves:
+        figures.objective_curves(curves, out / OBJECTIVE_FIGURE,
+                                 f"Optimisation objective per iteration ({result['split']} images, "
+                                 f"{iterations_text(result)})",
+                                 result["encoder_description"], _provenance(result))
+
+
+def _provenance(result):
+    return json.dumps({"config_hash": result["config_hash"], "cache_hash": result["cache_hash"],
+                       "versions": result["versions"]}, sort_keys=True)
+
+
+def iterations_text(result):
+    """'100 iterations', or 'iterations conv2 100, conv5 300' when layers differ: a caption must not claim
+    one count for layers optimised with several. Reads results stored before per-layer settings too."""
+    return _per_layer({layer: _used(result, layer)["iterations"] for layer in result["layers"]}, "iterations")
+
+
+def budget(result, layer, method, short=False):
+    """(budget, final relative drop) cells of a results table: each method's cost beside the other's, the
+    decoder's training once for every image, the optimisation's iterations for each image. `short`: for
+    the console, beside a seconds-per-image column."""
+    m = result["layers"][layer][method]
+    if method == "decoder":
+        if "training_seconds" not in m:
+            return "-", "-"
+        if short:
+            return f"train {m['training_seconds']:.0f} s", "-"
+        return f"{m.get('epochs', '?')} epochs, {m['training_seconds']:.0f} s training (once)", "-"
+    drop, iterations = m.get("final_relative_drop"), _used(result, layer)["iterations"]
+    return (f"{iterations} it." if short else f"{iterations} iterations, {m['seconds_per_image']:.3g} s/image",
+            "-" if drop is None else f"{drop:.2%}")
+
+
+def _used(result, layer):
+    """The settings `layer` was optimised with (results stored before per-layer settings: the global ones)."""
+    return result["layers"][layer]["optimisation"].get("settings", result["settings"])
+
+
+def _per_layer(values, name):
+    """'100 iterations' when every layer has the same value, else 'iterations conv2 100, conv5 300'."""
+    if len(set(map(str, values.values()))) <= 1:
+        return f"{next(iter(values.values()), '-')} {name}"
+    return f"{name} " + ", ".join(f"{layer} {value}" for layer, value in values.items())
 
 
 def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size):
+    """`s`: this layer's own settings (`layer_settings`), stored with its results."""
     taps = encoder.extractor(model, arch, [layer]).eval()
     seed = runtime.derive_seed(cfg["seed"], layer)
     with progress() as bar:
@@ -214,11 +299,20 @@ def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size):
         with Timer() as t:
             optimised, trace = invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step)
     history = trace["objective"]
-    console.print(f"{layer}: objective {history[0]:.4g} -> {history[-1]:.4g}, relative feature distance "
+    drop = final_relative_drop(history)
+    console.print(f"{layer}: objective {history[0]:.4g} -> {history[-1]:.4g} (final relative drop "
+                  f"{'-' if drop is None else f'{drop:.2%}'}), relative feature distance "
                   f"{trace['feature_distance']['start']:.3f} -> {trace['feature_distance']['end']:.3f} "
-                  f"({t.seconds:.1f} s, {t.seconds / len(phi0):.2f} s/image)")
+                  f"({s['iterations']} iterations, {t.seconds:.1f} s, {t.seconds / len(phi0):.2f} s/image)")
     return optimised, {"seconds_per_image": t.seconds / len(phi0), "objective_start": history[0],
-                       "objective_end": history[-1], "feature_distance": trace["feature_distance"]}
+                       "objective_end": history[-1], "final_relative_drop": drop,
+                       "feature_distance": trace["feature_distance"], "settings": s,
+                       "objective": _rounded(history), "feature_term": _rounded(trace["feature_term"])}
+
+
+def _rounded(values):
+    """6 significant digits: a trace of thousands of steps stays a readable size in the JSON."""
+    return [float(f"{v:.6g}") for v in values]
 
 
 def stored(path, cache_hash):
@@ -281,10 +375,11 @@ def _write_json(path, data):
 def _show(result):
     table = Table(title=f"decoder vs optimisation ({len(result['images'])} {result['split']} images) - "
                         f"{result['encoder_description']}")
-    for column in ("layer", "method", "norm. error", "MSE", "PSNR (dB)", "SSIM", "s/image"):
-        table.add_column(column, justify="left" if column in ("layer", "method") else "right")
+    for column in ("layer", "method", "norm. error", "MSE", "PSNR (dB)", "SSIM", "s/image", "budget", "final drop"):
+        table.add_column(column, justify="left" if column in ("layer", "method", "budget") else "right")
     for layer, methods in result["layers"].items():
         for method, m in methods.items():
             table.add_row(layer, method, f"{m['normalized_error']:.3f}", f"{m['mse']:.5f}", f"{m['psnr_db']:.2f}",
-                          f"{m['ssim']:.3f}", f"{m['seconds_per_image']:.4g}")
+                          f"{m['ssim']:.3f}", f"{m['seconds_per_image']:.4g}",
+                          *budget(result, layer, method, short=True))
     console.print(table)

@@ -264,16 +264,22 @@ def _optimisation_section(path, cache_hash):
     if result is None:
         return ""
     lines = ["", "## Decoder vs inversion by optimisation", "",
-             f"The same {len(result['images'])} eval images, {result['settings']['iterations']} iterations "
-             f"(Mahendran & Vedaldi 2015; `{path.name}`, config hash `{result['config_hash']}`).", "",
-             "| layer | method | norm. error | MSE | PSNR (dB) | SSIM | seconds per image |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             f"The same {len(result['images'])} eval images, {optimisation.iterations_text(result)} "
+             f"(Mahendran & Vedaldi 2015; `{path.name}`, config hash `{result['config_hash']}`). "
+             "Budget: the decoder's training, once for every image, beside the optimisation's iterations and "
+             "seconds for each image; final drop: how much the objective still fell over the last tenth "
+             "of the iterations.", "",
+             "| layer | method | norm. error | MSE | PSNR (dB) | SSIM | seconds per image | budget | final drop |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for layer, methods in result["layers"].items():
         for method in ("decoder", "optimisation"):
             m = methods[method]
             lines.append(f"| {layer} | {method} | {m['normalized_error']:.3f} | {m['mse']:.5f} | {m['psnr_db']:.2f} "
-                         f"| {m['ssim']:.3f} | {m['seconds_per_image']:.4g} |")
+                         f"| {m['ssim']:.3f} | {m['seconds_per_image']:.4g} | "
+                         + " | ".join(optimisation.budget(result, layer, method)) + " |")
     lines += ["", f"![decoder vs optimisation]({result['figure']})"]
+    if (path.parent / str(result.get("objective_figure", ""))).is_file():
+        lines += ["", f"![optimisation objective per iteration]({result['objective_figure']})"]
     return "\n".join(lines) + "\n"
 
 

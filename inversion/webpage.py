@@ -123,15 +123,17 @@ def _optimisation(out, cache_hash):
         f"<tr><th scope=\"row\">{_e(layer)}</th><td>{method}</td>"
         + "".join(f"<td class=\"num\">{m[key]:{fmt}}</td>" for key, fmt in
                   (("normalized_error", ".3f"), ("mse", ".5f"), ("psnr_db", ".2f"), ("ssim", ".3f"),
-                   ("seconds_per_image", ".4g"))) + "</tr>\n"
+                   ("seconds_per_image", ".4g")))
+        + "".join(f"<td>{_e(cell)}</td>" for cell in optimisation.budget(result, layer, method)) + "</tr>\n"
         for layer, methods in result["layers"].items() for method, m in
         ((method, methods[method]) for method in ("decoder", "optimisation")))
-    figure = out / str(result.get("figure", ""))
+    found = [out / str(result[key]) for key in ("figure", "objective_figure") if result.get(key)]
+    found = [figure for figure in found if figure.is_file()]
     return (f"<h2>Decoder vs inversion by optimisation</h2>\n<p>The same {len(result['images'])} eval images, "
-            f"{result['settings']['iterations']} iterations (Mahendran &amp; Vedaldi 2015).</p>\n<table>\n"
+            f"{_e(optimisation.iterations_text(result))} (Mahendran &amp; Vedaldi 2015).</p>\n<table>\n"
             "<tr><th>layer</th><th>method</th><th>norm. error</th><th>MSE</th><th>PSNR (dB)</th><th>SSIM</th>"
-            f"<th>seconds per image</th></tr>\n{rows}</table>\n"
-            + (_figures("Decoder vs optimisation", [figure]) if figure.is_file() else ""))
+            f"<th>seconds per image</th><th>budget</th><th>final drop</th></tr>\n{rows}</table>\n"
+            + _figures("Decoder vs optimisation", found))
 
 
 def _per_image(report, originals, reconstructions, labels, normaliser):

@@ -34,10 +34,34 @@ def test_set_overrides_parse_yaml_scalars(tmp_path):
     ("layers=[]", "layers"),
     ("cache.dtype=int8", "cache.dtype"),
     ("train.epochs", "key=value"),
+    ("optimisation.layers={conv5: {lamda_tv: 10}}", "optimisation.layers.conv5.lamda_tv: unknown key"),
+    ("optimisation.layers={conv5: {jitter: -1}}", "optimisation.layers.conv5.jitter: invalid value -1"),
+    ("optimisation.layers={conv5: {iterations: true}}", "optimisation.layers.conv5.iterations"),
+    ("optimisation.layers={conv5: {optimizer: lbfgs}}", "optimisation.layers.conv5.optimizer"),
+    ("optimisation.layers={conv5: {layers: {}}}", "optimisation.layers.conv5.layers: unknown key"),
+    ("optimisation.layers={conv5: 3}", "optimisation.layers.conv5: invalid value 3"),
+    ("optimisation.layers=[conv5]", "optimisation.layers: invalid value"),
+    ("optimisation.layers={conv9: {jitter: 1}}", "optimisation.layers: unknown layer 'conv9'"),
+    ("optimisation.layers.conv5.lr=-1", "optimisation.layers.conv5.lr"),
+    ("optimisation.layers.conv5=1", "optimisation.layers.<layer>.<key>"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, fragment):
     with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
         config.load(ROOT / "config.yaml", [override])
+
+
+def test_per_layer_optimisation_settings_from_the_file_and_set(tmp_path):
+    """A nested mapping in the file, a YAML flow mapping or one dotted entry on the command line."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optimisation:\n  lr: 0.01\n  layers:\n    conv5:\n      jitter: 4\n      lambda_alpha: 1e-4\n")
+    cfg = config.load(path, ["optimisation.layers.fc6.iterations=500", "optimisation.layers.conv5.lambda_tv=10"])
+    assert cfg["optimisation.layers"] == {"conv5": {"jitter": 4, "lambda_alpha": 1e-4, "lambda_tv": 10},
+                                          "fc6": {"iterations": 500}}
+    assert cfg["optimisation.lr"] == 0.01 and cfg["optimisation.jitter"] == 0
+    cfg = config.load(path, ["optimisation.layers={conv5: {lambda_tv: 10, jitter: 4}}"])  # replaces the file's
+    assert cfg["optimisation.layers"] == {"conv5": {"lambda_tv": 10, "jitter": 4}}
+    assert config.defaults()["optimisation.layers"] == {} and config.defaults()["optimisation.layers"] is not \
+        config.defaults()["optimisation.layers"]
 
 
 def test_unknown_key_in_file_is_named(tmp_path):

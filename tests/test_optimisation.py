@@ -40,6 +40,27 @@ def test_objective_decreases_on_a_tiny_problem():
     s = _settings(config.defaults(), iterations=15)
     _, trace = optimisation.invert(taps, "conv2", phi0, 16, s, 64, "alexnet", seed=0)
     assert trace["objective"][-1] < 0.7 * trace["objective"][0]
+    assert len(trace["objective"]) == len(trace["feature_term"]) == 15
+    assert all(0 < f < o for f, o in zip(trace["feature_term"], trace["objective"]))  # the regularisers are > 0
+
+
+def test_final_relative_drop_compares_the_last_two_tenths():
+    assert optimisation.final_relative_drop([9.0] * 16 + [3.0, 3.0, 2.0, 2.0]) == pytest.approx(0.5)
+    assert optimisation.final_relative_drop([5.0, 4.0, 2.0]) == pytest.approx(1.0)  # under 20 steps: the last two
+    assert optimisation.final_relative_drop([1.0] * 30) == 0
+    assert optimisation.final_relative_drop([1.0]) is None
+
+
+def test_layer_settings_put_a_layers_entry_over_the_global_values():
+    s = optimisation.settings(config.defaults())
+    s["layers"] = {"conv5": {"lambda_tv": 10.0, "jitter": 4}}
+    conv5, fc8 = optimisation.layer_settings(s, "conv5"), optimisation.layer_settings(s, "fc8")
+    assert (conv5["lambda_tv"], conv5["jitter"], conv5["lr"]) == (10.0, 4, s["lr"])
+    assert fc8 == {key: value for key, value in s.items() if key != "layers"}
+    stored = {"settings": {"iterations": 7}, "layers": {"conv5": {"optimisation": {}}, "fc8": {"optimisation": {}}}}
+    assert optimisation.iterations_text(stored) == "7 iterations"  # results stored before per-layer settings
+    stored["layers"]["fc8"]["optimisation"]["settings"] = {"iterations": 30}
+    assert optimisation.iterations_text(stored) == "iterations conv5 7, fc8 30"
 
 
 def test_features_move_toward_the_cached_target(built):
@@ -93,7 +114,9 @@ def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained
     result = optimisation.run(cfg, ["conv5", "fc8"], num_images=2)
     assert computed == ["fc8"]  # conv5 was finished: not recomputed
     saved = json.loads((out / "optimisation.json").read_text())
-    assert saved["layers"]["conv5"]["optimisation"] == first["layers"]["conv5"]["optimisation"]
+    assert saved["layers"]["conv5"]["optimisation"] == first["layers"]["conv5"]["optimisation"]  # its trace too
+    assert len(saved["layers"]["conv5"]["optimisation"]["objective"]) == 3
+    assert (out / "optimisation_objective.png").is_file()
     with feature_cache.open_for(cfg) as cache:  # render.py's first grid rows
         rows = figures.choose_rows(cache.load("eval", "labels"), cfg["render.num_images"], cfg["seed"])[:2]
     assert [i["index"] for i in saved["images"]] == rows.tolist() and saved["cache_hash"] == result["cache_hash"]
@@ -127,6 +150,43 @@ def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained
     assert report._optimisation_section(path, saved["cache_hash"]).count("| conv5 |") == 2
     assert report._optimisation_section(path, "another-cache") == ""
     assert report._optimisation_section(out / "missing.json", saved["cache_hash"]) == ""
+
+
+def test_per_layer_settings_are_used_stored_traced_and_drawn(trained, tmp_path, monkeypatch, capsys):
+    """fc8 and conv5 optimised with different settings; each layer's trace as long as its own iterations."""
+    (tmp_path / "decoders").symlink_to(Path(trained["output.dir"]) / "decoders", target_is_directory=True)
+    per_layer = {"fc8": {"iterations": 5, "jitter": 2}, "conv1": {"lr": 0.01}}  # conv1: not in the cache
+    cfg = dict(trained, **{"output.dir": str(tmp_path), "optimisation.layers": per_layer})
+    used = []
+    real = optimisation.invert
+    monkeypatch.setattr(optimisation, "invert", lambda taps, layer, phi0, size, s, *rest, **kw: (
+        used.append((layer, s)), real(taps, layer, phi0, size, s, *rest, **kw))[1])
+    optimisation.run(cfg, ["conv5", "fc8"], num_images=2)
+    assert "conv1, which this cache does not hold" in capsys.readouterr().err
+    assert [(layer, s["iterations"], s["jitter"]) for layer, s in used] == [("conv5", 3, 0), ("fc8", 5, 2)]
+
+    saved = json.loads((tmp_path / "optimisation.json").read_text())
+    assert saved["settings"]["layers"] == per_layer and saved["settings"]["iterations"] == 3
+    for layer, iterations, jitter in (("conv5", 3, 0), ("fc8", 5, 2)):
+        entry = saved["layers"][layer]["optimisation"]
+        assert (entry["settings"]["iterations"], entry["settings"]["jitter"]) == (iterations, jitter)
+        assert entry["settings"]["lr"] == trained["optimisation.lr"] and "layers" not in entry["settings"]
+        assert len(entry["objective"]) == len(entry["feature_term"]) == iterations
+        assert entry["objective"][0] == pytest.approx(entry["objective_start"], rel=1e-5)
+        assert entry["final_relative_drop"] == pytest.approx(optimisation.final_relative_drop(entry["objective"]),
+                                                             rel=1e-4, abs=1e-6)
+    with Image.open(tmp_path / "optimisation_objective.png") as im:
+        assert im.size == figures.pixel_size(figures.OBJECTIVE_INCHES)
+        assert "random init" in im.info["Title"] and saved["config_hash"] in im.info["Description"]
+
+    section = report._optimisation_section(tmp_path / "optimisation.json", saved["cache_hash"])
+    assert "iterations conv5 3, fc8 5" in section and "(optimisation_objective.png)" in section
+    assert "| 5 iterations, " in section and " epochs, " in section and "s training (once)" in section
+
+    used.clear()  # another value for one layer is another setting: every layer is computed again
+    optimisation.run(dict(cfg, **{"optimisation.layers": {"fc8": {"iterations": 4}}}), ["conv5", "fc8"], num_images=2)
+    assert [(layer, s["iterations"]) for layer, s in used] == [("conv5", 3), ("fc8", 4)]
+    assert "recomputing every layer" in capsys.readouterr().err
 
 
 def test_command_line_errors_are_one_line(built, tmp_path):
