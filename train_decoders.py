@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from inversion import config, console, decoders, encoder, training
+from inversion import config, console, decoders, training
 
 app = typer.Typer(add_completion=False)
 
@@ -26,6 +26,8 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
 
 def print_tables(cfg, layers):
     """The architecture tables, read off the modules themselves (docs/decoders-and-training.md quotes this output)."""
+    from inversion import encoder  # here only: training itself needs no torchvision (2 s less at every start)
+
     found = encoder.feature_layouts(cfg["encoder.arch"], cfg["encoder.input_size"], layers)
     for layer in layers:
         shape, layout = found[layer]

@@ -1,10 +1,17 @@
 """Shared fixtures: a small Tiny-ImageNet-shaped zip and a cache built from it by the real code."""
 
-from pathlib import Path
+import os
 
-import pytest
+# One compute thread per test process and per process a test starts (they inherit it), set before torch
+# is imported: the suite's tensors are tiny, pytest-xdist already runs one worker per core, and a second
+# OpenMP thread per process on a busy core spins more than it computes (4x the CPU time, measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from inversion import config, extraction, synthetic, training
+from pathlib import Path  # noqa: E402 (after the thread setting, as torch below)
+
+import pytest  # noqa: E402
+
+from inversion import config, extraction, synthetic, training  # noqa: E402
 
 WNIDS = synthetic.wnids_for(5)
 TRAIN_PER_CLASS = 8

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from inversion import checkpoints, distributed, extraction, feature_cache, training
+from inversion import checkpoints, distributed, extraction, feature_cache, runtime, training
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,9 +59,16 @@ def test_share_splits_a_range_contiguously():
     assert [distributed.share(3, r, 2, unit=5) for r in range(2)] == [(0, 3), (3, 3)]
 
 
-def test_two_process_extraction_equals_one_and_resumes_after_a_kill(built, tiny_zip, tmp_path):
-    reference_cfg, reference = built
+def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tmp_path):
     cfg = make_cfg(tmp_path, tiny_zip, "cache.dtype=float32")
+    # The ranks compute with the thread count a single process has by default (runtime.cores()), not the
+    # one torchrun or this suite sets: so does the reference (float sums depend on it).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(runtime.cores())
+    try:
+        reference = extraction.extract(dict(cfg, **{"cache.dir": str(tmp_path / "one")}))
+    finally:
+        torch.set_num_threads(threads)
     target = feature_cache.path_for(cfg)
     assert target.name == reference.name  # same settings, same cache name
 
