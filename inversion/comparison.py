@@ -108,7 +108,8 @@ def spectrum_figure(originals, runs, optimised, path, note, provenance=""):
     from matplotlib.ticker import NullFormatter
 
     layers = list(dict.fromkeys(layer for recon in runs.values() for layer in recon))
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers) + 0.6, 3.6), squeeze=False, sharey=True)
+    width = max(3.4 * len(layers) + 0.6, 6.0)  # one panel still has room for the title
+    fig, axes = plt.subplots(1, len(layers), figsize=(width, 3.6), squeeze=False, sharey=True)
     freqs, reference = metrics.radial_spectrum(originals)
     for ax, layer in zip(axes[0], layers):
         ax.loglog(freqs, reference, "k-", lw=2, label="originals")

@@ -195,7 +195,7 @@ def nodes(arch, layers):
 def extractor(model, arch, layers):
     """A graph module returning {layer: activation} for every layer from one forward pass."""
     wanted = nodes(arch, layers)
-    _check_nodes(model, wanted)
+    _check_nodes(model, arch, wanted)
     return create_feature_extractor(model, return_nodes={node: layer for layer, node in wanted.items()},
                                     suppress_diff_warning=True)
 
@@ -251,7 +251,7 @@ def _probe(arch, input_size, layers=None):
     from forwards of an unweighted model on the meta device (no memory, no compute)."""
     model = _meta_model(arch)
     graph = extractor(model, arch, layers) if layers is not None else create_feature_extractor(
-        model, return_nodes=_graph_nodes(model)[1:], suppress_diff_warning=True)  # [1:]: not the input
+        model, return_nodes=list(_graph_nodes(arch)[1:]), suppress_diff_warning=True)  # [1:]: not the input
 
     def run(batch, size):
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # FX prints a failing node's source
@@ -313,7 +313,7 @@ def _layout(shape, spatial):
 
 def network_order(arch, layers):
     """`layers` sorted by where they sit in the forward pass (the figures' column order)."""
-    graph = _graph_nodes(_meta_model(arch))
+    graph = _graph_nodes(arch)
     wanted = nodes(arch, layers)
 
     def position(layer):  # a module name stands where its last node does
@@ -323,8 +323,8 @@ def network_order(arch, layers):
     return sorted(layers, key=position)
 
 
-def _check_nodes(model, wanted):
-    known = _graph_nodes(model)
+def _check_nodes(model, arch, wanted):
+    known = list(_graph_nodes(arch))
     modules = {".".join(n.split(".")[:k]) for n in known for k in range(1, n.count(".") + 1)}
     for layer, node in wanted.items():
         if node not in known and node not in modules:
@@ -334,10 +334,13 @@ def _check_nodes(model, wanted):
                             f"see python extract_features.py --list-layers")
 
 
-def _graph_nodes(model):
+@functools.lru_cache(maxsize=16)
+def _graph_nodes(arch):
+    """The arch's eval-graph node names in network order, remembered: they depend on the arch alone (not
+    its weights), and tracing a graph twice (train and eval) costs seconds for MaxViT."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # train/eval graph differences: we always run in eval mode
-        return get_graph_node_names(model)[1]
+        return tuple(get_graph_node_names(_meta_model(arch))[1])
 
 
 def _build(arch):

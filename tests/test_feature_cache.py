@@ -468,8 +468,10 @@ def test_training_streamed_from_a_compressed_cache_has_the_uncompressed_history(
     assert strip(runs["blosc2-zstd"]) == strip(runs["none"]) and len(runs["none"]) == 2
 
 
-def test_list_caches_tells_them_apart_and_marks_this_configs(built, tmp_path):
+def test_list_caches_tells_them_apart_and_marks_this_configs(built, tmp_path, monkeypatch):
     from typer.testing import CliRunner
+
+    from inversion import console
 
     import extract_features
 
@@ -484,6 +486,7 @@ def test_list_caches_tells_them_apart_and_marks_this_configs(built, tmp_path):
     args = [a for key in ("data.path", "encoder.weights", "split.num_classes", "split.eval_per_class",
                           "split.train_per_class", "cache.dtype") for a in ("--set", f"{key}={cfg[key]}")]
     (tmp_path / "c.yaml").write_text("{}\n")
+    monkeypatch.setattr(console.console, "_width", 200)  # wide enough that no cell wraps, whatever the terminal
     result = CliRunner().invoke(extract_features.app, ["--list-caches", "--config", str(tmp_path / "c.yaml"),
                                                        "--set", f"cache.dir={folder}", *args], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
