@@ -72,7 +72,7 @@ SCHEMA = {
                             "a list of other runs' output.dir folders"),
     "output.dir": ("outputs", str, None, "a folder path"),
     # Inversion by optimisation (invert_by_optimisation.py); docs/optimisation-baseline.md says which constants are M&V's.
-    "optimisation.iterations": (100, int, lambda v: v >= 1, "an integer >= 1"),
+    "optimisation.iterations": (200, int, lambda v: v >= 1, "an integer >= 1"),
     "optimisation.optimizer": ("adam", str, lambda v: v in ("adam", "sgd"), "adam or sgd"),
     "optimisation.lr": (0.03, _NUM, lambda v: v > 0, "a number > 0"),
     "optimisation.momentum": (0.9, _NUM, lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -80,11 +80,11 @@ SCHEMA = {
     "optimisation.beta": (2, _NUM, lambda v: v >= 1, "a number >= 1"),
     "optimisation.lambda_alpha": (1e-3, _NUM, lambda v: v >= 0, "a number >= 0"),
     "optimisation.lambda_tv": (3.0, _NUM, lambda v: v >= 0, "a number >= 0"),
-    "optimisation.jitter": (0, int, lambda v: v >= 0, "an integer >= 0 (pixels)"),
+    "optimisation.jitter": (2, int, lambda v: v >= 0, "an integer >= 0 (pixels)"),
     "optimisation.init_std": (0.01, _NUM, lambda v: v >= 0, "a number >= 0"),
     # {layer: {key: value}}: any optimisation.* key above, for that layer only (M&V tune per layer);
     # each inner value is checked by the key's own check (_check_per_layer).
-    "optimisation.layers": ({}, dict, lambda v: all(isinstance(k, str) and k for k in v),
+    "optimisation.layers": ({"conv5": {"lambda_tv": 0.3}, "fc6": {"lambda_tv": 0.3}}, dict, lambda v: all(isinstance(k, str) and k for k in v),
                             "a mapping {layer: {optimisation key: value}}"),
 }
 # Keys whose value is a mapping: a YAML file's nesting stops there instead of naming sub-keys.
