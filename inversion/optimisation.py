@@ -170,7 +170,8 @@ def _run(cfg, cache, layers, num_images, fresh, split):
     guard = {"cache_hash": cache.attrs["cache_hash"], "split": split, "rows": rows.tolist(), "settings": s,
              "seed": cfg["seed"]}
     previous = _previous(out, guard, fresh)
-    unused = [layer for layer in s["layers"] if layer not in cache.attrs["layers"]]
+    default = config.defaults()["optimisation.layers"]  # the shipped per-layer values: no warning for those
+    unused = [layer for layer in s["layers"] if layer not in cache.attrs["layers"] and s["layers"][layer] != default.get(layer)]
     if unused:
         warn(f"optimisation.layers names {', '.join(unused)}, which this cache does not hold; ignored")
     used = {layer: layer_settings(s, layer) for layer in decoders}

@@ -57,11 +57,13 @@ def test_per_layer_optimisation_settings_from_the_file_and_set(tmp_path):
     cfg = config.load(path, ["optimisation.layers.fc6.iterations=500", "optimisation.layers.conv5.lambda_tv=10"])
     assert cfg["optimisation.layers"] == {"conv5": {"jitter": 4, "lambda_alpha": 1e-4, "lambda_tv": 10},
                                           "fc6": {"iterations": 500}}
-    assert cfg["optimisation.lr"] == 0.01 and cfg["optimisation.jitter"] == 0
+    assert cfg["optimisation.lr"] == 0.01 and cfg["optimisation.jitter"] == 2
     cfg = config.load(path, ["optimisation.layers={conv5: {lambda_tv: 10, jitter: 4}}"])  # replaces the file's
     assert cfg["optimisation.layers"] == {"conv5": {"lambda_tv": 10, "jitter": 4}}
-    assert config.defaults()["optimisation.layers"] == {} and config.defaults()["optimisation.layers"] is not \
-        config.defaults()["optimisation.layers"]
+    defaults = config.defaults()["optimisation.layers"]  # the sweep's per-layer values, a fresh copy each time
+    assert defaults == {"conv5": {"lambda_tv": 0.3}, "fc6": {"lambda_tv": 0.3}}
+    defaults["conv5"]["lambda_tv"] = 99
+    assert config.defaults()["optimisation.layers"]["conv5"]["lambda_tv"] == 0.3
 
 
 def test_unknown_key_in_file_is_named(tmp_path):

@@ -37,7 +37,7 @@ def test_objective_decreases_on_a_tiny_problem():
     torch.manual_seed(1)
     with torch.no_grad():
         phi0 = taps(encoder.preprocess_float(torch.rand(2, 3, 16, 16), 64))["conv2"]
-    s = _settings(config.defaults(), iterations=15)
+    s = _settings(config.defaults(), iterations=15, jitter=0)  # no jitter: 15 steps on a 16-px image
     _, trace = optimisation.invert(taps, "conv2", phi0, 16, s, 64, "alexnet", seed=0)
     assert trace["objective"][-1] < 0.7 * trace["objective"][0]
     assert len(trace["objective"]) == len(trace["feature_term"]) == 15
@@ -156,7 +156,7 @@ def test_per_layer_settings_are_used_stored_traced_and_drawn(trained, tmp_path, 
     """fc8 and conv5 optimised with different settings; each layer's trace as long as its own iterations."""
     (tmp_path / "decoders").symlink_to(Path(trained["output.dir"]) / "decoders", target_is_directory=True)
     per_layer = {"fc8": {"iterations": 5, "jitter": 2}, "conv1": {"lr": 0.01}}  # conv1: not in the cache
-    cfg = dict(trained, **{"output.dir": str(tmp_path), "optimisation.layers": per_layer})
+    cfg = dict(trained, **{"output.dir": str(tmp_path), "optimisation.layers": per_layer, "optimisation.jitter": 0})
     used = []
     real = optimisation.invert
     monkeypatch.setattr(optimisation, "invert", lambda taps, layer, phi0, size, s, *rest, **kw: (
