@@ -98,7 +98,7 @@ def test_an_encoder_that_cannot_be_had_again_is_refused(tiny_zip, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(trained):
-    return dict(trained, **{"optimisation.iterations": 3})
+    return dict(trained, **{"optimisation.iterations": 3, "optimisation.layers": {}})  # no per-layer 400 for conv5
 
 
 def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained, monkeypatch, capsys):
