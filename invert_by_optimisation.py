@@ -17,13 +17,14 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
          num_images: int = typer.Option(None, "--num-images", min=1,
                                         help="The first N rows of render.py's grid (default render.num_images)."),
          iterations: int = typer.Option(None, "--iterations", min=1,
-                                        help="Gradient steps per layer (default optimisation.iterations; "
-                                             "an optimisation.layers entry's iterations still wins)."),
+                                        help="Gradient steps for every layer (default: optimisation.iterations "
+                                             "and the layers' own optimisation.layers entries)."),
          fresh: bool = typer.Option(False, "--fresh", help="Recompute layers that are already finished."),
          split: str = typer.Option("eval", "--split",
                                    help="eval, or train to tune optimisation.* away from the eval images.")):
-    extra = [f"optimisation.iterations={iterations}"] if iterations else []
-    cfg = config.load(config_path, [*overrides, *extra])
+    cfg = config.load(config_path, overrides)
+    if iterations:
+        cfg = optimisation.with_iterations(cfg, iterations)
     chosen = config.chosen_layers(cfg, layers)
     optimisation.run(cfg, chosen, num_images, fresh, split)
 

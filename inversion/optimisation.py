@@ -59,6 +59,14 @@ def layer_settings(s, layer):
     return {**{key: value for key, value in s.items() if key != "layers"}, **s.get("layers", {}).get(layer, {})}
 
 
+def with_iterations(cfg, iterations):
+    """`--iterations N`: N steps for every layer, the layers' own `iterations` entries included (a quick
+    run asked for on the command line must not spend 400 on conv5)."""
+    per_layer = {layer: {k: v for k, v in entry.items() if k != "iterations"}
+                 for layer, entry in cfg["optimisation.layers"].items()}
+    return {**cfg, "optimisation.iterations": iterations, "optimisation.layers": per_layer}
+
+
 def final_relative_drop(history):
     """(mean of the second-to-last tenth of the trace - mean of the last tenth) / mean of the last tenth:
     how much the objective still fell at the end (small = it has stopped falling); None under 2 steps.

@@ -44,6 +44,14 @@ def test_objective_decreases_on_a_tiny_problem():
     assert all(0 < f < o for f, o in zip(trace["feature_term"], trace["objective"]))  # the regularisers are > 0
 
 
+def test_the_iterations_option_sets_every_layer_even_with_its_own_entry():
+    cfg = optimisation.with_iterations(config.defaults(), 7)  # the defaults give conv5 its own 400
+    assert {layer: optimisation.layer_settings(optimisation.settings(cfg), layer)["iterations"]
+            for layer in ("conv2", "conv5", "fc6")} == {"conv2": 7, "conv5": 7, "fc6": 7}
+    assert cfg["optimisation.layers"]["conv5"] == {"lambda_tv": 0.3}  # the rest of the entry stays
+    assert config.defaults()["optimisation.layers"]["conv5"]["iterations"] == 400
+
+
 def test_final_relative_drop_compares_the_last_two_tenths():
     assert optimisation.final_relative_drop([9.0] * 16 + [3.0, 3.0, 2.0, 2.0]) == pytest.approx(0.5)
     assert optimisation.final_relative_drop([5.0, 4.0, 2.0]) == pytest.approx(1.0)  # under 20 steps: the last two
