@@ -13,6 +13,7 @@ import contextlib
 import difflib
 import functools
 import hashlib
+import inspect
 import io
 import math
 import warnings
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torch import fx, nn
+from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor
 
 from .config import ALEXNET_NODES
 from .decoders import map_shape
@@ -195,7 +197,7 @@ def nodes(arch, layers):
 def extractor(model, arch, layers):
     """A graph module returning {layer: activation} for every layer from one forward pass."""
     wanted = nodes(arch, layers)
-    _check_nodes(model, arch, wanted)
+    _check_nodes(arch, wanted)
     return create_feature_extractor(model, return_nodes={node: layer for layer, node in wanted.items()},
                                     suppress_diff_warning=True)
 
@@ -248,19 +250,33 @@ def _classified(arch, input_size, layers):
 
 def _probe(arch, input_size, layers=None):
     """({layer or node: output at batch 2}, {... at batch 3}, whether the second input was larger),
-    from forwards of an unweighted model on the meta device (no memory, no compute)."""
-    model = _meta_model(arch)
-    graph = extractor(model, arch, layers) if layers is not None else create_feature_extractor(
-        model, return_nodes=list(_graph_nodes(arch)[1:]), suppress_diff_warning=True)  # [1:]: not the input
+    from forwards of an unweighted model on the meta device (no memory, no compute), run node by node
+    through the one traced eval graph (`_eval_graph`): no tracing per question."""
+    module, qualnames = _eval_graph(arch)
+    if layers is None:
+        picked = {name: node for node, name in qualnames.items() if node.op != "placeholder"}
+    else:
+        wanted = nodes(arch, layers)
+        _check_nodes(arch, wanted)
+        picked = {layer: _last_node(qualnames, node) for layer, node in wanted.items()}
 
     def run(batch, size):
+        interpreter = fx.Interpreter(module, garbage_collect_values=False)
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # FX prints a failing node's source
-            return graph(torch.zeros(batch, 3, size, size, device="meta"))
+            interpreter.run(torch.zeros(batch, 3, size, size, device="meta"))
+        return {name: interpreter.env[node] for name, node in picked.items()}
     first = run(PROBE_BATCHES[0], input_size)
     try:
         return first, run(PROBE_BATCHES[1], input_size + PROBE_STEP), True
     except Exception:  # noqa: BLE001 - the arch refuses another size (ViT asserts, MaxViT cannot partition)
         return first, run(PROBE_BATCHES[1], input_size), False
+
+
+def _last_node(qualnames, query):
+    """The graph node `query` names: itself, or for a module name its last node (feature_extraction's rule)."""
+    depth = query.count(".")
+    return next(node for node, name in reversed(qualnames.items())
+                if ".".join(name.split(".")[:depth + 1]) == query)
 
 
 def _meta_model(arch):
@@ -323,24 +339,32 @@ def network_order(arch, layers):
     return sorted(layers, key=position)
 
 
-def _check_nodes(model, arch, wanted):
+def _check_nodes(arch, wanted):
     known = list(_graph_nodes(arch))
     modules = {".".join(n.split(".")[:k]) for n in known for k in range(1, n.count(".") + 1)}
     for layer, node in wanted.items():
         if node not in known and node not in modules:
             close = difflib.get_close_matches(node, known + sorted(modules), n=3, cutoff=0.5)
-            raise UserError(f"layers: {node!r} is not a node of {type(model).__name__}"
+            raise UserError(f"layers: {node!r} is not a node of {type(_eval_graph(arch)[0]).__name__}"
                             f"{' (nearest: ' + ', '.join(close) + ')' if close else ''}; "
                             f"see python extract_features.py --list-layers")
 
 
-@functools.lru_cache(maxsize=16)
 def _graph_nodes(arch):
-    """The arch's eval-graph node names in network order, remembered: they depend on the arch alone (not
-    its weights), and tracing a graph twice (train and eval) costs seconds for MaxViT."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # train/eval graph differences: we always run in eval mode
-        return tuple(get_graph_node_names(_meta_model(arch))[1])
+    """The arch's eval-graph node names in network order (the input first)."""
+    return tuple(_eval_graph(arch)[1].values())
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_graph(arch):
+    """(graph module, {fx node: node name}) of the arch's eval graph on the meta device, traced once per
+    process with feature_extraction's tracer and its defaults: the names and the graph depend on the
+    arch alone (not its weights), and a trace costs seconds for MaxViT and ViT."""
+    model = _meta_model(arch)
+    ops = [cls for _, cls in inspect.getmembers(torchvision.ops, inspect.isclass) if issubclass(cls, nn.Module)]
+    tracer = NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=ops)
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__), dict(tracer.node_to_qualname)
 
 
 def _build(arch):

@@ -79,13 +79,13 @@ def objective_curves(curves, path, title, note, provenance=""):
         ax.plot(steps, curve["objective"], "-", label=label)
         if curve.get("feature_term"):
             ax.plot(steps, curve["feature_term"], ":", color=ax.lines[-1].get_color())
-    ax.set(xlabel="iteration", ylabel="mean over images: objective (solid),\nits feature term (dotted)",
+    ax.set(xlabel="iteration", ylabel="mean over images: objective\n(solid), its feature term (dotted)",
            yscale="log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(f"{title}\n{note}", fontsize=8)
-    fig.subplots_adjust(top=0.86, bottom=0.12, left=0.13, right=0.97)
+    fig.subplots_adjust(top=0.86, bottom=0.12, left=0.17, right=0.97)  # room for log ticks and two label lines
     return save(fig, path, ("png",), note, provenance)
 
 
