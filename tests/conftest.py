@@ -7,11 +7,18 @@ import os
 # OpenMP thread per process on a busy core spins more than it computes (4x the CPU time, measured).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pathlib import Path  # noqa: E402 (after the thread setting, as torch below)
+import signal  # noqa: E402 (after the thread setting, as torch below)
+import socket  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import typer  # noqa: E402
 
-from inversion import config, extraction, synthetic, training  # noqa: E402
+from inversion import config, console, extraction, synthetic, training  # noqa: E402
 
 WNIDS = synthetic.wnids_for(5)
 TRAIN_PER_CLASS = 8
@@ -65,3 +72,72 @@ def trained(trained_once, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     (out / "decoders").symlink_to(Path(trained_once["output.dir"]) / "decoders", target_is_directory=True)
     return dict(trained_once, **{"output.dir": str(out)})
+
+
+class Forked:
+    """A child forked from this test process, running one function: torch, torchvision and the package
+    are imported already (a fresh interpreter spends 3-6 s of CPU importing them on a small machine, which
+    was most of what the fault and multi-process tests cost). What it prints goes to a temporary file."""
+
+    def __init__(self, fn, *args, env=None, core=None):
+        self.log = tempfile.TemporaryFile("w+")
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.dup2(self.log.fileno(), 1)
+                os.dup2(self.log.fileno(), 2)
+                sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+                os.environ.update(env or {})
+                if core is not None:
+                    os.sched_setaffinity(0, {core})
+                console.console.quiet = os.environ.get("RANK", "0") != "0"  # what the import decides in a rank
+                code = 0
+                fn(*args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except typer.Exit as e:  # what console.run raises for a UserError: a command line exits with it
+                code = e.exit_code
+            except BaseException:  # noqa: BLE001 - reported in the log, as a crashed process would
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        self.returncode = None
+
+    def wait(self, timeout=300):
+        """The exit code (negative: killed by that signal), as subprocess reports it."""
+        deadline = time.time() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif time.time() > deadline:
+                self.kill()
+                raise TimeoutError(f"forked child {self.pid} ran past {timeout} s:\n{self.text()[-3000:]}")
+            else:
+                time.sleep(0.02)
+        return self.returncode
+
+    def text(self):
+        """Everything it has printed so far."""
+        self.log.seek(0)
+        return self.log.read()
+
+    def kill(self):
+        os.kill(self.pid, signal.SIGKILL)
+        return self.wait()
+
+
+def forked_ranks(fn, *args, world=2):
+    """`world` forked processes running fn(*args) with the environment torchrun gives its ranks (the
+    pipeline reads nothing else of torchrun's), all on one core: each rank computes with one thread, as
+    this suite's processes do, and the other core stays with the other test worker."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    core = max(os.sched_getaffinity(0))
+    common = {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    return [Forked(fn, *args, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)}, core=core) for r in range(world)]

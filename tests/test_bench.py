@@ -18,7 +18,7 @@ KEYS = {"extract_vs_forward", "orig_vs_cached_conv2", "orig_vs_cached_fc6", "onl
 
 
 def test_bench_prints_the_json_figures_last():
-    result = CliRunner().invoke(bench_cli.app, ["--images", "16", "--batch", "8", "--steps", "1", "--device", "cpu",
+    result = CliRunner().invoke(bench_cli.app, ["--images", "8", "--batch", "4", "--steps", "1", "--device", "cpu",
                                                  "--window", "0.05", "--fc-width", "64"])
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output.strip().splitlines()[-1])

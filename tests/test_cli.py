@@ -168,18 +168,17 @@ def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
     assert "128x128" in result.output
 
 
-def test_list_layers_prints_whole_node_names_into_a_pipe_at_80_columns():
+def test_list_layers_prints_whole_node_names_into_a_pipe_at_80_columns(cfg_file):
     """A name is there to be copied into `layers=[...]`: never cut, whatever the terminal."""
-    root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "extract_features.py", "--list-layers", "--set", "encoder.arch=vit_b_16"],
-                         cwd=root, capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "80"}, timeout=300)
-    assert run.returncode == 0, run.stderr
+    app = importlib.import_module("extract_features").app
+    run = runner.invoke(app, ["--config", cfg_file, "--list-layers", "--set", "encoder.arch=vit_b_16"],
+                        env={"COLUMNS": "80"})  # not a terminal, and 80 columns
+    assert run.exit_code == 0, run.output
     rows = {line.split()[0]: line for line in run.stdout.splitlines()[2:]}
     assert "tokens 1+14x14 x 768" in rows["encoder.layers.encoder_layer_11.add_1"] and "197x768" in rows["encoder.ln"]
     assert "C x H x W" in rows["conv_proj"] and "vector" in rows["heads.head"]
     assert "…" not in run.stdout and "getattr" not in rows and "reshape" not in rows
-    assert "--all-nodes" in run.stderr
+    assert max(map(len, run.stdout.splitlines())) > 80 and "--all-nodes" in run.stderr
 
 
 def test_all_nodes_lists_the_rest_with_why(cfg_file):

@@ -1,9 +1,12 @@
-"""torchrun with two CPU processes (Gloo): a sharded cache equals the single-process one, a killed
-run resumes, and two-process training matches single-process training with the same global batch."""
+"""Two CPU processes (Gloo): a sharded cache equals the single-process one, a killed run resumes, and
+two-process training matches single-process training with the same global batch, for each loss.
+
+One real torchrun launch (the resumed extraction, as a user types it); the other runs start their two
+ranks as forks of this test process with the environment torchrun gives its ranks, which is all the
+pipeline reads of torchrun: a launch costs its agent and each rank 3-6 s of imports on a small CPU."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,32 +17,25 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_cfg
-from inversion import checkpoints, distributed, extraction, feature_cache, runtime, training
+from conftest import forked_ranks, make_cfg
+from inversion import checkpoints, console, distributed, extraction, feature_cache, training
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def torchrun(script, cfg, *args, popen=False):
-    """`torchrun --standalone --nproc_per_node=2 script` with every setting of `cfg` as --set."""
-    overrides = [arg for key, value in cfg.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               script, "--config", str(ROOT / "config.yaml"), *overrides, *args]
+def torchrun(script, *args):
+    """`torchrun --standalone --nproc_per_node=2 script *args` on one core, as `forked_ranks` runs."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun's default: 1 per process
-    if popen:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    core = {max(os.sched_getaffinity(0))}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: os.sched_setaffinity(0, core))
 
 
-def _kill_all(marker):
-    """SIGKILL every process whose command line mentions `marker`."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and marker in (proc / "cmdline").read_text() and int(proc.name) != os.getpid():
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
+def settings(cfg):
+    """A config as the command lines' arguments (every setting as --set)."""
+    return ["--config", str(ROOT / "config.yaml"),
+            *(arg for key, value in cfg.items() for arg in ("--set", f"{key}={json.dumps(value)}"))]
 
 
 def assert_same_cache(a, b):
@@ -61,26 +57,20 @@ def test_share_splits_a_range_contiguously():
 
 def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tmp_path):
     cfg = make_cfg(tmp_path, tiny_zip, "cache.dtype=float32")
-    # The ranks compute with the thread count a single process has by default (runtime.cores()), not the
-    # one torchrun or this suite sets: so does the reference (float sums depend on it).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(runtime.cores())
-    try:
-        reference = extraction.extract(dict(cfg, **{"cache.dir": str(tmp_path / "one")}))
-    finally:
-        torch.set_num_threads(threads)
+    # One thread here as in each rank (see torchrun): the float sums depend on the thread count.
+    assert torch.get_num_threads() == 1
+    reference = extraction.extract(dict(cfg, **{"cache.dir": str(tmp_path / "one")}))
     target = feature_cache.path_for(cfg)
     assert target.name == reference.name  # same settings, same cache name
 
-    run = torchrun("extract_features.py", cfg, popen=True)  # killed as soon as a part is being written
+    ranks = forked_ranks(console.run(extraction.extract), cfg)  # killed as soon as a part is being written
     deadline = time.time() + 300
-    while time.time() < deadline and not list(target.parent.glob("*.part-*.h5.partial")) and run.poll() is None:
-        time.sleep(0.05)
-    _kill_all(str(tmp_path))  # torchrun's agent and both ranks (the ranks have their own process groups)
-    run.wait()
+    while time.time() < deadline and not list(target.parent.glob("*.part-*.h5.partial")):
+        time.sleep(0.02)
+    [rank.kill() for rank in ranks]
     assert not target.exists()
 
-    result = torchrun("extract_features.py", cfg)
+    result = torchrun("extract_features.py", *settings(cfg))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "virtual datasets over 2 part files" in result.stderr
     assert_same_cache(target, reference)
@@ -95,40 +85,45 @@ def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tm
     assert feature_cache.read_attrs(target) is None
 
 
-def test_two_process_training_matches_one_process(built, tmp_path):
-    cfg, cache = built
-    single = training.train(dict(cfg, **{"output.dir": str(tmp_path / "one"), "train.epochs": 1}), ["conv5", "fc8"])
-    result = torchrun("train_decoders.py", dict(cfg, **{"output.dir": str(tmp_path / "two"), "train.epochs": 1}),
-                      "--layers", "conv5,fc8")
-    assert result.returncode == 0, result.stderr[-3000:]
+def _train_in_one_group(runs):
+    """Every ([config, layers]) of `runs` in one process group, taken down after the last."""
+    teardown, distributed.teardown = distributed.teardown, lambda: None
+    for cfg, layers in runs:
+        training.train(cfg, layers)
+    teardown()
+
+
+def test_two_process_training_matches_one_process_with_each_loss(built, trained_once, tmp_path):
+    """Pixel loss (conv5, fc8), the feature term (conv5) and the adversarial one (conv5), three trainings
+    in one process group. The feature term has no randomness: two ranks give the one-process run. The
+    discriminator's dropout draws per rank, so with it the test asks for a run that finishes, agrees on
+    every pause (or DDP would hang) and writes D's weights and optimiser state once."""
+    cfg, _ = built
+    feature = {"train.epochs": 1, "loss.feature": 0.05}
+    runs = {"pixel": (dict(trained_once, **{"output.dir": str(tmp_path / "pixel")}), ["conv5", "fc8"]),
+            "feature": (dict(cfg, **{"output.dir": str(tmp_path / "feature"), **feature}), ["conv5"]),
+            "gan": (dict(cfg, **{"output.dir": str(tmp_path / "gan"), "train.epochs": 2, "loss.adversarial": 0.1}),
+                    ["conv5"])}
+    ranks = forked_ranks(_train_in_one_group, runs.values())
+    for rank in ranks:
+        assert rank.wait() == 0, rank.text()[-3000:]
+    assert ranks[0].text().count("2 ranks (DistributedDataParallel)") == 3  # rank 0 speaks for the group
+
     # fc8 gets 1e-3: in one process, summing the gradients of each batch's two halves (what DDP
     # computes) moves this tiny run's fc8 eval loss by 2.9e-4 relative too: Adam's first steps
     # amplify the reduction order. conv5 stays within the 1e-4 the two-process run promises.
-    for layer, tolerance in (("conv5", 1e-4), ("fc8", 1e-3)):
-        history = checkpoints.read_history(tmp_path / "two" / "decoders" / layer / "history.jsonl")
-        assert len(history) == 1 and history[0]["samples"] == single[layer][0]["samples"]  # written once
-        assert history[0]["eval_loss"] == pytest.approx(single[layer][0]["eval_loss"], rel=tolerance)
-        assert history[0]["train_loss"] == pytest.approx(single[layer][0]["train_loss"], rel=tolerance)
-        assert sorted(p.name for p in (tmp_path / "two" / "decoders" / layer).iterdir()) == [
-            "best.pt", "history.jsonl", "last.pt", "optimizer.pt"]
+    single = {layer: checkpoints.read_history(Path(trained_once["output.dir"]) / "decoders" / layer / "history.jsonl")
+              for layer in ("conv5", "fc8")}
+    single_feature = training.train(dict(cfg, **{"output.dir": str(tmp_path / "one"), **feature}), ["conv5"])["conv5"]
+    for run, layer, reference, tolerance in (("pixel", "conv5", single["conv5"], 1e-4), ("pixel", "fc8", single["fc8"], 1e-3),
+                                             ("feature", "conv5", single_feature, 1e-4)):
+        folder = tmp_path / run / "decoders" / layer
+        history = checkpoints.read_history(folder / "history.jsonl")
+        assert len(history) == 1 and history[0]["samples"] == reference[0]["samples"]  # written once
+        assert history[0]["eval_loss"] == pytest.approx(reference[0]["eval_loss"], rel=tolerance), (run, layer)
+        assert history[0]["train_loss"] == pytest.approx(reference[0]["train_loss"], rel=tolerance), (run, layer)
+        assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "history.jsonl", "last.pt", "optimizer.pt"]
 
-
-def test_two_process_perceptual_training_matches_one_process_and_saves_the_discriminator(built, tmp_path):
-    """The feature term has no randomness: two ranks give the one-process run. The discriminator's dropout
-    draws per rank, so with it the test asks for a run that finishes, agrees on every pause (or DDP would
-    hang) and writes D's weights and optimiser state once."""
-    cfg, _ = built
-    feature = {"train.epochs": 1, "loss.feature": 0.05}
-    single = training.train(dict(cfg, **{"output.dir": str(tmp_path / "one"), **feature}), ["conv5"])["conv5"]
-    result = torchrun("train_decoders.py", dict(cfg, **{"output.dir": str(tmp_path / "two"), **feature}), "--layers", "conv5")
-    assert result.returncode == 0, result.stderr[-3000:]
-    history = checkpoints.read_history(tmp_path / "two/decoders/conv5/history.jsonl")
-    assert history[0]["eval_loss"] == pytest.approx(single[0]["eval_loss"], rel=1e-4)
-    assert history[0]["train_loss"] == pytest.approx(single[0]["train_loss"], rel=1e-4)
-
-    adversarial = dict(cfg, **{"output.dir": str(tmp_path / "gan"), "train.epochs": 2, "loss.adversarial": 0.1})
-    result = torchrun("train_decoders.py", adversarial, "--layers", "conv5")
-    assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "gan/decoders/conv5"
     assert len(checkpoints.read_history(folder / "history.jsonl")) == 2
     assert "discriminator" in torch.load(folder / "last.pt", weights_only=True)

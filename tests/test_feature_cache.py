@@ -1,5 +1,6 @@
-import io
+import ctypes
 import errno
+import io
 import os
 import re
 import resource
@@ -7,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -14,10 +16,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import typer
 from PIL import Image
 
-from conftest import WNIDS, make_cfg, write_tiny_imagenet
-from inversion import data, encoder, extraction, feature_cache, storage
+from conftest import WNIDS, Forked, make_cfg, write_tiny_imagenet
+from inversion import console, data, encoder, extraction, feature_cache, storage
 from inversion.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,21 +104,23 @@ def test_interrupted_write_leaves_nothing_valid_and_resumes(built, tmp_path, mon
 
 
 def test_kill_9_during_extraction_leaves_no_complete_cache(tiny_zip, tmp_path):
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from conftest import make_cfg; "
-            f"from pathlib import Path; from inversion import extraction, feature_cache; "
-            f"cfg = make_cfg(Path({str(tmp_path)!r}), {str(tiny_zip)!r}, 'extract.batch_size=1', 'split.train_per_class=8'); "
-            f"print(feature_cache.path_for(cfg), flush=True); "
-            f"w = feature_cache.Writer.write\n"
-            f"def slow(*a):\n    w(*a); print('wrote', flush=True); import time; time.sleep(0.2)\n"
-            f"feature_cache.Writer.write = slow; extraction.extract(cfg)")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            cwd=ROOT / "tests", stderr=subprocess.DEVNULL)
-    target = proc.stdout.readline().strip()
-    assert proc.stdout.readline().strip() == "wrote"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(target) and os.path.exists(target + ".partial")
-    assert feature_cache.read_attrs(target + ".partial") is None
+    cfg = make_cfg(tmp_path, tiny_zip, "extract.batch_size=1", "split.train_per_class=8")
+    target = feature_cache.path_for(cfg)
+    partial = target.with_name(target.name + ".partial")
+
+    wrote = tmp_path / "wrote"
+
+    def slowly():
+        write = feature_cache.Writer.write
+        feature_cache.Writer.write = lambda *a: (write(*a), wrote.touch(), time.sleep(0.2))
+        extraction.extract(cfg)
+    child = Forked(slowly)
+    deadline = time.time() + 120
+    while time.time() < deadline and not wrote.exists():
+        time.sleep(0.02)
+    child.kill()
+    assert child.returncode == -signal.SIGKILL and not target.exists() and partial.exists()
+    assert feature_cache.read_attrs(partial) is None
 
 
 def test_corrupt_jpeg_is_one_error_and_leaves_no_file(tmp_path):
@@ -195,18 +200,14 @@ def assert_same_cache(path, reference):
 
 def test_two_extractions_at_once_make_one_cache(built, tiny_zip, tmp_path):
     cfg, reference = built
-    code = (f"import sys, time, typer; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
-            f"from conftest import make_cfg; from inversion import console, extraction, feature_cache; "
-            f"cfg = make_cfg(Path({str(tmp_path)!r}), {str(tiny_zip)!r}, 'cache.dtype=float32'); "
-            f"w = feature_cache.Writer.write\n"
-            f"def slow(*a):\n    w(*a); time.sleep(0.3)\n"
-            f"feature_cache.Writer.write = slow\n"
-            f"try:\n    console.run(extraction.extract)(cfg)\n"
-            f"except typer.Exit as e:\n    sys.exit(e.exit_code)")
-    logs = [open(tmp_path / f"stderr{i}", "w+") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT / "tests", stdout=subprocess.DEVNULL,
-                              stderr=log, text=True) for log in logs]
-    results = [(p.pid, p.wait(timeout=300), log.seek(0) or log.read()) for p, log in zip(procs, logs)]
+    cfg = make_cfg(tmp_path, tiny_zip, "cache.dtype=float32")
+
+    def slowly():
+        write = feature_cache.Writer.write
+        feature_cache.Writer.write = lambda *a: (write(*a), time.sleep(0.3))
+        console.run(extraction.extract)(cfg)
+    children = [Forked(slowly) for _ in range(2)]
+    results = [(child.pid, child.wait(), child.text()) for child in children]
     codes = sorted(code for _, code, _ in results)
     assert codes in ([0, 0], [0, 2]), results  # the second waits for nothing: it refuses, or finds it done
     for pid, code, err in results:
@@ -215,7 +216,6 @@ def test_two_extractions_at_once_make_one_cache(built, tiny_zip, tmp_path):
             assert err.strip().splitlines()[-1].startswith(f"error: another process (pid {other}) is writing")
             assert "Traceback" not in err
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    [log.close() for log in logs]
     assert files == [reference.name]  # no .partial, no .lock
     assert_same_cache(tmp_path / "cache" / reference.name, reference)
 
@@ -265,54 +265,86 @@ def test_disk_full_during_extraction_keeps_the_partial_and_resumes(built, tmp_pa
 
 
 def test_a_real_hdf5_write_failure_is_one_line_not_a_crash(built, tmp_path):
+    import extract_features
+
     cfg, reference = built
     limit = reference.stat().st_size // 3  # the file may not grow past this: HDF5 fails as on a full disk
-
-    def small_disk():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-
     (tmp_path / "config.yaml").write_text("{}\n")
     args = [f"data.path={cfg['data.path']}", f"cache.dir={tmp_path}/cache", "encoder.weights=random",
             "split.num_classes=3", "split.eval_per_class=2", "split.train_per_class=6", "device=cpu",
             "extract.batch_size=5", "cache.dtype=float32"]
-    result = subprocess.run([sys.executable, "extract_features.py", "--config", str(tmp_path / "config.yaml"),
-                             *[a for arg in args for a in ("--set", arg)]], cwd=ROOT, preexec_fn=small_disk,
-                            capture_output=True, text=True, timeout=300)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert lines[-1].startswith("error: could not write") and "File too large" in lines[-1], result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+    def on_a_small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        extract_features.app(["--config", str(tmp_path / "config.yaml"), *[a for arg in args for a in ("--set", arg)]])
+    child = Forked(on_a_small_disk)
+    code, err = child.wait(), child.text()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err[-3000:]
+    assert lines[-1].startswith("error: could not write") and "File too large" in lines[-1], err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err
     target = feature_cache.path_for(dict(cfg, **{"cache.dir": str(tmp_path / "cache")}))
     assert not target.exists() and target.with_name(target.name + ".partial").exists()
     extraction.extract(dict(cfg, **{"cache.dir": str(tmp_path / "cache")}))  # with room: finishes
     assert_same_cache(target, reference)
 
 
+CLONE_NEWNS, CLONE_NEWUSER, MS_REC, MS_PRIVATE = 0x20000, 0x10000000, 0x4000, 0x40000
+
+
+def _mount_private_tmpfs(folder, size):
+    """What `unshare -rm` then `mount -t tmpfs` do, in this (single-threaded, forked) process: a user and
+    mount namespace of its own, in which it is root and mounts a tmpfs that no other process sees."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS):
+        raise OSError(ctypes.get_errno(), "unshare")
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+    for args in ((b"none", b"/", None, MS_REC | MS_PRIVATE, None),
+                 (b"tmpfs", str(folder).encode(), b"tmpfs", 0, f"size={size}".encode())):
+        if libc.mount(*args):
+            raise OSError(ctypes.get_errno(), f"mount {args[1]}")
+
+
 def _can_mount_tmpfs():
-    return bool(shutil.which("unshare")) and subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True).returncode == 0
+    if not hasattr(os, "fork"):
+        return False
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _mount_private_tmpfs("/mnt", "1m")
+            os._exit(0)
+        except BaseException:  # noqa: BLE001 - any failure means no
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a tmpfs mounted in a private namespace (unshare -rm)")
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a tmpfs mounted in a private user and mount namespace")
 def test_a_small_filesystem_filling_midway_keeps_a_partial_that_resumes(built, tmp_path, capsys):
     """The reported crash, for real: cache.dir on a 4 MiB tmpfs, the free-space checks passed (as when
     another process fills the disk meanwhile). The partial left there resumes where there is room."""
     cfg, reference = built
     small = tmp_path / "small"
     small.mkdir()
-    code = (f"import sys, typer; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
-            f"from conftest import make_cfg; from inversion import console, extraction, storage\n"
-            f"storage.check_free_space = lambda *a: None\n"
-            f"cfg = make_cfg(Path({str(tmp_path)!r}), {str(cfg['data.path'])!r}, 'cache.dtype=float32', "
-            f"'cache.dir={small}')\n"
-            f"try:\n    console.run(extraction.extract)(cfg)\nexcept typer.Exit as e:\n    sys.exit(e.exit_code)")
-    script = (f"mount -t tmpfs -o size=4m tmpfs {small} && cd {ROOT / 'tests'} && \"$PYTHON\" -c \"$CODE\"; "
-              f"echo rc=$? >&2; ls {small} >&2; mkdir {tmp_path}/cache && cp {small}/* {tmp_path}/cache/")
-    err = subprocess.run(["unshare", "-rm", "sh", "-c", script], env={**os.environ, "CODE": code, "PYTHON": sys.executable},
-                         capture_output=True, text=True, timeout=300).stderr
+
+    def on_a_small_filesystem():
+        _mount_private_tmpfs(small, "4m")
+        storage.check_free_space = lambda *a: None
+        try:
+            console.run(extraction.extract)(make_cfg(tmp_path, cfg["data.path"], "cache.dtype=float32",
+                                                     f"cache.dir={small}"))
+            print("rc=0")
+        except typer.Exit as e:
+            print(f"rc={e.exit_code}")
+        print(*os.listdir(small), sep="\n")
+        shutil.copytree(small, tmp_path / "cache")  # the tmpfs goes with this process
+    child = Forked(on_a_small_filesystem)
+    code, err = child.wait(), child.text()
     lines = [line for line in err.splitlines() if line.strip()]
-    assert lines[-2:] == ["rc=2", reference.name + ".partial"], err[-3000:]  # refused, partial kept
+    assert code == 0 and lines[-2:] == ["rc=2", reference.name + ".partial"], err[-3000:]  # refused, partial kept
     assert lines[-3].startswith("error: could not write") and "No space left on device" in lines[-3]
     assert "Traceback" not in err and "Exception ignored" not in err
     with h5py.File(tmp_path / "cache" / (reference.name + ".partial")) as f:

@@ -4,12 +4,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
+from conftest import Forked
 from inversion import batching, checkpoints, feature_cache, runtime, training
 from inversion.errors import UserError
 
@@ -242,19 +244,21 @@ def test_checkpoints_in_the_previous_format_resume_and_render(built, tmp_path):
 def test_a_second_training_of_the_same_decoder_refuses_naming_the_first(built, tmp_path):
     cfg = cfg_in(built, tmp_path, **{"train.epochs": 1})
     lock = tmp_path / "decoders/conv5/train.lock"
-    code = ("import sys, json, time; from inversion import training; real = training.train_one_epoch\n"
-            "def slow(*a):\n    print('training', flush=True); time.sleep(60); return real(*a)\n"
-            "training.train_one_epoch = slow; training.train(json.loads(sys.argv[1]), ['conv5'])")
-    first = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], stdout=subprocess.PIPE, text=True,
-                             stderr=subprocess.DEVNULL)
+    started = tmp_path / "started"
+
+    def slowly():
+        training.train_one_epoch = lambda *a: (started.touch(), time.sleep(60))
+        training.train(cfg, ["conv5"])
+    first = Forked(slowly)
     try:
-        assert first.stdout.readline().strip() == "training"
+        deadline = time.time() + 120
+        while time.time() < deadline and not started.exists():
+            time.sleep(0.02)
         with pytest.raises(UserError, match=rf"another process \(pid {first.pid}\) is writing .*decoders/conv5"):
             train(cfg)
         assert lock.read_text().strip() == str(first.pid) and not (lock.parent / "last.pt").exists()
     finally:
         first.kill()
-        first.wait()
     assert len(train(cfg)) == 1  # the kernel let go of the killed one's lock
     assert not lock.exists()
 
