@@ -112,12 +112,13 @@ def spectrum_figure(originals, runs, optimised, path, note, provenance=""):
     fig, axes = plt.subplots(1, len(layers), figsize=(width, 3.6), squeeze=False, sharey=True)
     freqs, reference = metrics.radial_spectrum(originals)
     for ax, layer in zip(axes[0], layers):
-        ax.loglog(freqs, reference, "k-", lw=2, label="originals")
+        figures.plain_log(ax, "xy")
+        ax.plot(freqs, reference, "k-", lw=2, label="originals")
         for name, recon in runs.items():
             if layer in recon:
-                ax.loglog(freqs, metrics.radial_spectrum(recon[layer])[1], "-", label=_short(name))
+                ax.plot(freqs, metrics.radial_spectrum(recon[layer])[1], "-", label=_short(name))
         if layer in optimised:
-            ax.loglog(freqs, metrics.radial_spectrum(optimised[layer][1])[1], "--", label="optimisation")
+            ax.plot(freqs, metrics.radial_spectrum(optimised[layer][1])[1], "--", label="optimisation")
         ax.axvspan(0.25, 0.5, color="0.9", zorder=0)  # the band the high-frequency ratio sums
         ax.set(title=layer, xlabel="cycles per pixel")
         ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap at this width
