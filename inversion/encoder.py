@@ -62,14 +62,14 @@ def load(arch="alexnet", weights="auto", seed=0):
             return _random(arch, seed)
     else:
         state, identity = _file_state(Path(weights), arch)
-    model = _build(arch)
+    model = _meta_model(arch)  # no init to overwrite: the state's tensors become the weights (float32, as built)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()
         raise UserError(f"encoder.weights: {identity.get('path', hub_checkpoint(arch))} does not fit torchvision's "
                         f"{arch} ({first[1].strip() if len(first) > 1 else first[0]})") from None
-    return _freeze(model), identity
+    return _freeze(model.float()), identity
 
 
 def _imagenet_state(arch, weights, seed):

@@ -65,22 +65,30 @@ def test_random_init_is_seeded():
 
 
 def test_state_dict_file_and_wrong_shapes(tmp_path):
+    """On a small classifier (5 MB of weights; AlexNet's are 244 MB): nothing here depends on the arch."""
+    torch.manual_seed(5)
+    state = torchvision.models.squeezenet1_1().state_dict()
     good = tmp_path / "good.pth"
-    torch.save(_state(5), good)
-    model, identity = encoder.load("alexnet", str(good))
+    torch.save(state, good)
+    model, identity = encoder.load("squeezenet1_1", str(good))
     assert identity["kind"] == "file" and len(identity["sha256"]) == 64
+    assert torch.equal(model.classifier[1].weight, state["classifier.1.weight"]) and not model.training
+    assert model.features[0].weight.dtype == torch.float32 and not any(p.requires_grad for p in model.parameters())
     assert encoder.reload(identity) is not None
-    bad = _state(5)
-    bad["classifier.6.weight"] = torch.zeros(10, 4096)
-    bad["classifier.6.bias"] = torch.zeros(10)
+    torch.save({k: v.half() for k, v in state.items()}, tmp_path / "half.pth")  # loaded as built: float32
+    assert encoder.load("squeezenet1_1", str(tmp_path / "half.pth"))[0].classifier[1].weight.dtype == torch.float32
+    bad = dict(state, **{"classifier.1.weight": torch.zeros(10, 512, 1, 1), "classifier.1.bias": torch.zeros(10)})
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(UserError, match="does not fit"):
-        encoder.load("alexnet", str(tmp_path / "bad.pth"))
+    with pytest.raises(UserError, match=r"bad\.pth does not fit torchvision's squeezenet1_1 \(size mismatch"):
+        encoder.load("squeezenet1_1", str(tmp_path / "bad.pth"))
+    torch.save({k: v for k, v in state.items() if k != "features.0.bias"}, tmp_path / "short.pth")
+    with pytest.raises(UserError, match=r"short\.pth does not fit .*features\.0\.bias"):
+        encoder.load("squeezenet1_1", str(tmp_path / "short.pth"))
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(UserError, match="junk.pth"):
-        encoder.load("alexnet", str(tmp_path / "junk.pth"))
+        encoder.load("squeezenet1_1", str(tmp_path / "junk.pth"))
     with pytest.raises(UserError, match="no such file"):
-        encoder.load("alexnet", str(tmp_path / "absent.pth"))
+        encoder.load("squeezenet1_1", str(tmp_path / "absent.pth"))
 
 
 # The README's table: each AlexNet layer by hand, after the ReLU (and the max-pool where one follows).

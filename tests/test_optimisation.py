@@ -93,13 +93,14 @@ def test_preprocess_float_is_the_extraction_pipeline():
 
 
 def test_an_encoder_that_cannot_be_had_again_is_refused(tiny_zip, tmp_path):
-    weights = tmp_path / "alexnet.pth"
+    weights = tmp_path / "squeezenet.pth"  # a small classifier: the check does not depend on the arch
     torch.manual_seed(3)
-    torch.save(torchvision.models.alexnet().state_dict(), weights)
-    cfg = make_cfg(tmp_path, tiny_zip, f"encoder.weights={weights}", "layers=[conv5]")
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), weights)
+    cfg = make_cfg(tmp_path, tiny_zip, f"encoder.weights={weights}", "encoder.arch=squeezenet1_1",
+                   "layers=[features.12.cat]")
     extraction.extract(cfg)
     torch.manual_seed(4)
-    torch.save(torchvision.models.alexnet().state_dict(), weights)  # the file changed since the cache was built
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), weights)  # the file changed since the cache was built
     with pytest.raises(UserError, match="encoder that built the cache"):
         optimisation.run(cfg, num_images=1)
 

@@ -88,20 +88,21 @@ def test_reconstruct_names_stay_unique(tmp_path):
 
 
 def test_reconstruct_refuses_an_encoder_other_than_the_caches(tiny_zip, tmp_path):
-    weights = tmp_path / "alexnet.pth"
+    # A small classifier (5 MB of weights, AlexNet's are 244 MB): the check does not depend on the arch.
+    weights = tmp_path / "squeezenet.pth"
     torch.manual_seed(1)
-    torch.save(torchvision.models.alexnet().state_dict(), weights)
-    cfg = make_cfg(tmp_path, tiny_zip, f"encoder.weights={weights}", "layers=[fc8]", "split.num_classes=2",
-                   "split.train_per_class=1", "split.eval_per_class=1")
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), weights)
+    cfg = make_cfg(tmp_path, tiny_zip, f"encoder.weights={weights}", "encoder.arch=squeezenet1_1", "layers=[flatten]",
+                   "split.num_classes=2", "split.train_per_class=1", "split.eval_per_class=1")
     extraction.extract(cfg)
     with feature_cache.open_for(cfg) as cache:
         identity, path = cache.attrs["encoder"], cache.path
     assert encoder.reload_exactly(identity, path, "") is not None  # unchanged: accepted
     torch.manual_seed(2)
-    torch.save(torchvision.models.alexnet().state_dict(), weights)  # same name, other weights
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), weights)  # same name, other weights
     (tmp_path / "pic.png").write_bytes(b"")
-    with pytest.raises(UserError, match=r"alexnet\.pth has changed since .* re-run extract_features\.py"):
+    with pytest.raises(UserError, match=r"squeezenet\.pth has changed since .* re-run extract_features\.py"):
         own_images.reconstruct(cfg, [tmp_path / "pic.png"])
     weights.unlink()
-    with pytest.raises(UserError, match=r"alexnet\.pth is gone"):
+    with pytest.raises(UserError, match=r"squeezenet\.pth is gone"):
         own_images.reconstruct(cfg, [tmp_path / "pic.png"])
