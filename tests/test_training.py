@@ -147,7 +147,7 @@ def test_training_needs_neither_encoder_weights_nor_the_dataset(built, tmp_path)
             f"bad = [m for m in ('inversion.data', 'inversion.encoder', 'torchvision', 'PIL') if m in sys.modules]; "
             f"assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
-                            env={"TORCH_HOME": str(tmp_path / "no_torch_home"), "PATH": "/usr/bin:/bin"})
+                            env={"TORCH_HOME": str(tmp_path / "no_torch_home"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
 
 
