@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import typer  # noqa: E402
 
-from inversion import config, console, extraction, synthetic, training  # noqa: E402
+from inversion import config, console, synthetic  # noqa: E402 (torch-free: pytest-xdist's controller loads this file too)
 
 WNIDS = synthetic.wnids_for(5)
 TRAIN_PER_CLASS = 8
@@ -52,6 +52,8 @@ def make_cfg(tmp, data_path, *overrides):
 def built(tmp_path_factory, tiny_zip):
     """(config, cache path) of a cache built once from the tiny zip; tests must not modify it."""
     tmp = tmp_path_factory.mktemp("built")
+    from inversion import extraction
+
     cfg = make_cfg(tmp, tiny_zip, "cache.dtype=float32")
     return cfg, extraction.extract(cfg)
 
@@ -61,6 +63,8 @@ def trained_once(built, tmp_path_factory):
     """conv5 and fc8 decoders trained one epoch on the built cache, once for the whole suite."""
     cfg, _ = built
     cfg = dict(cfg, **{"output.dir": str(tmp_path_factory.mktemp("trained")), "train.epochs": 1})
+    from inversion import training
+
     training.train(cfg, ["conv5", "fc8"])
     return cfg
 
