@@ -41,7 +41,8 @@ def make_cfg(tmp, data_path, *overrides):
     base = [f"data.path={data_path}", f"cache.dir={tmp}/cache", f"output.dir={tmp}/out",
             "encoder.weights=random", "split.num_classes=3", "split.eval_per_class=2",
             "split.train_per_class=6", "train.batch_size=4", "train.epochs=2", "device=cpu",
-            "extract.batch_size=5", "render.num_images=4", "render.grid_size=2", "decoder.fc_width=64"]
+            "extract.batch_size=5", "render.num_images=4", "render.grid_size=2", "decoder.fc_width=64",
+            "decoder.width=0.125"]
     path = tmp / "config.yaml"
     if not path.exists():
         path.write_text("{}\n")

@@ -121,11 +121,11 @@ def test_pixel_checkpoints_refuse_to_resume_under_other_losses(built, tmp_path):
 
 
 def test_fine_tuning_starts_from_the_pixel_decoder_and_checks_it_fits(built, tmp_path):
-    pixel = training.train(cfg_in(built, tmp_path / "pixel", **{"train.epochs": 2}), ["conv5"])["conv5"]
-    tuned = training.train(cfg_in(built, tmp_path / "tuned", **{"train.epochs": 1, "loss.adversarial": 0.01,
-                                                                  "train.init_from": str(tmp_path / "pixel/decoders")}),
-                           ["conv5"])["conv5"]
-    fresh = training.train(cfg_in(built, tmp_path / "fresh", **{"train.epochs": 1, "loss.adversarial": 0.01}),
+    width = {"decoder.width": 0.5}  # the default: a decoder that learns something in two epochs on the tiny data
+    pixel = training.train(cfg_in(built, tmp_path / "pixel", **width, **{"train.epochs": 2}), ["conv5"])["conv5"]
+    tuned = training.train(cfg_in(built, tmp_path / "tuned", **width, **{
+        "train.epochs": 1, "loss.adversarial": 0.01, "train.init_from": str(tmp_path / "pixel/decoders")}), ["conv5"])["conv5"]
+    fresh = training.train(cfg_in(built, tmp_path / "fresh", **width, **{"train.epochs": 1, "loss.adversarial": 0.01}),
                            ["conv5"])["conv5"]
     assert tuned[0]["eval_loss"] < 0.8 * fresh[0]["eval_loss"]  # it started where the pixel decoder ended
     assert abs(tuned[0]["eval_loss"] - pixel[-1]["eval_loss"]) < abs(fresh[0]["eval_loss"] - pixel[-1]["eval_loss"])
