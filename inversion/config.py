@@ -84,7 +84,7 @@ SCHEMA = {
     "optimisation.init_std": (0.01, _NUM, lambda v: v >= 0, "a number >= 0"),
     # {layer: {key: value}}: any optimisation.* key above, for that layer only (M&V tune per layer);
     # each inner value is checked by the key's own check (_check_per_layer).
-    "optimisation.layers": ({"conv5": {"lambda_tv": 0.3, "iterations": 400}, "fc6": {"lambda_tv": 0.3}}, dict, lambda v: all(isinstance(k, str) and k for k in v),
+    "optimisation.layers": ({"conv5": {"lambda_tv": 0.3, "iterations": 800}, "fc6": {"lambda_tv": 0.3, "iterations": 800}}, dict, lambda v: all(isinstance(k, str) and k for k in v),
                             "a mapping {layer: {optimisation key: value}}"),
 }
 # Keys whose value is a mapping: a YAML file's nesting stops there instead of naming sub-keys.

@@ -61,7 +61,7 @@ def test_per_layer_optimisation_settings_from_the_file_and_set(tmp_path):
     cfg = config.load(path, ["optimisation.layers={conv5: {lambda_tv: 10, jitter: 4}}"])  # replaces the file's
     assert cfg["optimisation.layers"] == {"conv5": {"lambda_tv": 10, "jitter": 4}}
     defaults = config.defaults()["optimisation.layers"]  # the sweep's per-layer values, a fresh copy each time
-    assert defaults == {"conv5": {"lambda_tv": 0.3, "iterations": 400}, "fc6": {"lambda_tv": 0.3}}
+    assert defaults == {"conv5": {"lambda_tv": 0.3, "iterations": 800}, "fc6": {"lambda_tv": 0.3, "iterations": 800}}
     defaults["conv5"]["lambda_tv"] = 99
     assert config.defaults()["optimisation.layers"]["conv5"]["lambda_tv"] == 0.3
 

@@ -45,11 +45,11 @@ def test_objective_decreases_on_a_tiny_problem():
 
 
 def test_the_iterations_option_sets_every_layer_even_with_its_own_entry():
-    cfg = optimisation.with_iterations(config.defaults(), 7)  # the defaults give conv5 its own 400
+    cfg = optimisation.with_iterations(config.defaults(), 7)  # the defaults give conv5 its own 800
     assert {layer: optimisation.layer_settings(optimisation.settings(cfg), layer)["iterations"]
             for layer in ("conv2", "conv5", "fc6")} == {"conv2": 7, "conv5": 7, "fc6": 7}
     assert cfg["optimisation.layers"]["conv5"] == {"lambda_tv": 0.3}  # the rest of the entry stays
-    assert config.defaults()["optimisation.layers"]["conv5"]["iterations"] == 400
+    assert config.defaults()["optimisation.layers"]["conv5"]["iterations"] == 800
 
 
 def test_final_relative_drop_compares_the_last_two_tenths():
@@ -107,7 +107,7 @@ def test_an_encoder_that_cannot_be_had_again_is_refused(tiny_zip, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(trained):
-    return dict(trained, **{"optimisation.iterations": 3, "optimisation.layers": {}})  # no per-layer 400 for conv5
+    return dict(trained, **{"optimisation.iterations": 3, "optimisation.layers": {}})  # no per-layer 800 for conv5 and fc6
 
 
 def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained, monkeypatch, capsys):
