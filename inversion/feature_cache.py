@@ -290,8 +290,8 @@ def _filter_options(compression):
         return {"compression": "lzf", "shuffle": True}
     if compression == "blosc2-zstd":
         if hdf5plugin is None:
-            raise UserError(f"cache.compression: blosc2-zstd needs the hdf5plugin package (pip install "
-                            f"hdf5plugin), or set cache.compression to lzf or none")
+            raise UserError("cache.compression: blosc2-zstd needs the hdf5plugin package (pip install "
+                            "hdf5plugin), or set cache.compression to lzf or none")
         return dict(hdf5plugin.Blosc2(cname="zstd", clevel=1, filters=hdf5plugin.Blosc2.SHUFFLE))
     raise ValueError(f"unknown compression {compression!r}")
 

@@ -16,7 +16,6 @@ the weights that match the paper's. Only the objective lives here: training.py r
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import data, encoder, feature_cache, figures, inference, runtime
 from .images import to_uint8
-from .console import Timer, console, progress, rate_text, summary, warn
+from .console import Timer, progress, rate_text, summary, warn
 from .errors import UserError
 
 BATCH = 16

@@ -11,7 +11,6 @@ from . import (analyses, comparison, config, encoder, feature_cache, figures, in
                storage, webpage)
 from .images import to_hwc, to_target, to_uint8
 from .console import Timer, console, summary, warn
-from .errors import UserError
 
 
 def render(cfg, layers=None, num_images=None):
@@ -229,7 +228,7 @@ def _markdown(report):
              f"- Config hash: `{report['config_hash']}`",
              f"- Evaluation images: {report['eval_images']:,}; normaliser (mean distance between random "
              f"pairs of eval images): {report['normaliser_mean_pair_distance']:.3f}",
-             f"- Epochs: " + ", ".join(f"{k} {v['epochs']}" for k, v in report["layers"].items()), "",
+             "- Epochs: " + ", ".join(f"{k} {v['epochs']}" for k, v in report["layers"].items()), "",
              "| reconstruction from | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|---|" + "---:|" * len(COLUMNS)]
     lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in _metric_rows(report)]

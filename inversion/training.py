@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import batching, checkpoints, config, decoders, distributed, feature_cache, losses, runtime, storage, training_log
 from .console import Timer, console, progress, rate_text, summary
-from .decoders import Decoder
 from .errors import UserError
 from .images import to_target
 

@@ -2,10 +2,6 @@
 
 import importlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import h5py
 import pytest

@@ -534,4 +534,4 @@ def test_list_caches_tells_them_apart_and_marks_this_configs(built, tmp_path, mo
     assert "float32, compression none" in text[reference.name] and "partial: 10 of 24 images" in text[partial.name]
     marked = [line for line in result.output.splitlines() if line.startswith("│ * ")]
     assert len(marked) == 1 and reference.name in marked[0]
-    assert f"3 caches" in result.output.splitlines()[-1] and reference.name in result.output.splitlines()[-1]
+    assert "3 caches" in result.output.splitlines()[-1] and reference.name in result.output.splitlines()[-1]

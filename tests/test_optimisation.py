@@ -1,7 +1,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -9,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import make_cfg
-from inversion import config, encoder, extraction, feature_cache, figures, optimisation, report, training
+from inversion import config, encoder, extraction, feature_cache, figures, optimisation, report
 from inversion.errors import UserError
 
 

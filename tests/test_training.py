@@ -142,10 +142,10 @@ def test_no_cache_says_which_command_to_run(built, tmp_path):
 
 def test_training_needs_neither_encoder_weights_nor_the_dataset(built, tmp_path):
     cfg = cfg_in(built, tmp_path, **{"data.path": str(tmp_path / "nowhere.zip"), "train.epochs": 1})
-    code = (f"import sys, json; from inversion import training; "
-            f"training.train(json.loads(sys.argv[1]), ['conv5']); "
-            f"bad = [m for m in ('inversion.data', 'inversion.encoder', 'torchvision', 'PIL') if m in sys.modules]; "
-            f"assert not bad, bad")
+    code = ("import sys, json; from inversion import training; "
+            "training.train(json.loads(sys.argv[1]), ['conv5']); "
+            "bad = [m for m in ('inversion.data', 'inversion.encoder', 'torchvision', 'PIL') if m in sys.modules]; "
+            "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
                             env={"TORCH_HOME": str(tmp_path / "no_torch_home"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
