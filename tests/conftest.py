@@ -85,6 +85,7 @@ class Forked:
     was most of what the fault and multi-process tests cost). What it prints goes to a temporary file."""
 
     def __init__(self, fn, *args, env=None, core=None):
+        self.env = env or {}
         self.log = tempfile.TemporaryFile("w+")
         self.pid = os.fork()
         if self.pid == 0:  # the child: never returns into pytest

@@ -1,9 +1,10 @@
 """Two CPU processes (Gloo): a sharded cache equals the single-process one, a killed run resumes, and
 two-process training matches single-process training with the same global batch, for each loss.
 
-One real torchrun launch (the resumed extraction, as a user types it); the other runs start their two
-ranks as forks of this test process with the environment torchrun gives its ranks, which is all the
-pipeline reads of torchrun: a launch costs its agent and each rank 3-6 s of imports on a small CPU."""
+The ranks are forks of this test process given the environment torchrun gives its ranks, which is all
+the pipeline reads of torchrun; a real launch of the pipeline costs its agent and each rank 3-6 s of
+imports on a small CPU. That torchrun gives exactly that environment is checked against a real launch
+whose ranks run no Python."""
 
 import json
 import os
@@ -20,22 +21,27 @@ import torch
 from conftest import forked_ranks, make_cfg
 from inversion import checkpoints, console, distributed, extraction, feature_cache, training
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def torchrun(script, *args):
-    """`torchrun --standalone --nproc_per_node=2 script *args` on one core, as `forked_ranks` runs."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun's default: 1 per process
-    core = {max(os.sched_getaffinity(0))}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          preexec_fn=lambda: os.sched_setaffinity(0, core))
-
-
-def settings(cfg):
-    """A config as the command lines' arguments (every setting as --set)."""
-    return ["--config", str(ROOT / "config.yaml"),
-            *(arg for key, value in cfg.items() for arg in ("--set", f"{key}={json.dumps(value)}"))]
+def test_forked_ranks_get_the_environment_torchrun_gives(tmp_path):
+    """`torchrun --standalone --nproc_per_node=2` running `env` in each rank (no Python there), against
+    `forked_ranks`: the variables the pipeline reads (distributed.py, console.py, extraction.py and
+    torch's env:// rendezvous) are set alike."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+               "sh", "-c", f"env > {tmp_path}/rank-$RANK.env"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    launched = [dict(line.split("=", 1) for line in (tmp_path / f"rank-{r}.env").read_text().splitlines() if "=" in line)
+                for r in range(2)]
+    ranks = forked_ranks(lambda: None)
+    assert [rank.wait() for rank in ranks] == [0, 0]
+    forked = [rank.env for rank in ranks]
+    for r in range(2):
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+            assert launched[r][key] == forked[r][key], key
+        assert {"MASTER_ADDR", "MASTER_PORT"} <= set(launched[r]) & set(forked[r])
+    assert launched[0]["RANK"] == "0" and launched[1]["RANK"] == "1" and launched[0]["WORLD_SIZE"] == "2"
 
 
 def assert_same_cache(a, b):
@@ -57,7 +63,7 @@ def test_share_splits_a_range_contiguously():
 
 def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tmp_path):
     cfg = make_cfg(tmp_path, tiny_zip, "cache.dtype=float32")
-    # One thread here as in each rank (see torchrun): the float sums depend on the thread count.
+    # One thread here as in each rank (forked_ranks): the float sums depend on the thread count.
     assert torch.get_num_threads() == 1
     reference = extraction.extract(dict(cfg, **{"cache.dir": str(tmp_path / "one")}))
     target = feature_cache.path_for(cfg)
@@ -70,9 +76,9 @@ def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tm
     [rank.kill() for rank in ranks]
     assert not target.exists()
 
-    result = torchrun("extract_features.py", *settings(cfg))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "virtual datasets over 2 part files" in result.stderr
+    ranks = forked_ranks(console.run(extraction.extract), cfg)  # run again: resumes
+    assert [rank.wait() for rank in ranks] == [0, 0], ranks[0].text()[-3000:] + ranks[1].text()[-3000:]
+    assert "virtual datasets over 2 part files" in ranks[0].text()
     assert_same_cache(target, reference)
     with h5py.File(target) as f:
         assert f["train/conv2"].is_virtual and json.loads(f.attrs["parts"]) == [
