@@ -384,10 +384,11 @@ def _random(arch, seed):
     return copy.deepcopy(model, own), {"arch": arch, "kind": "random", "seed": seed}
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=4)
 def _random_model(arch, seed):
     """Built once: the init draws tens of millions of numbers (0.4 s for AlexNet on a 2-core CPU), and
-    one command (render: scores, feature errors, comparators) loads the encoder several times."""
+    one command (render: scores, feature errors, comparators) loads the encoder several times. A command
+    uses one; a few are kept for processes that switch between archs or seeds (the test suite)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _freeze(_build(arch))
