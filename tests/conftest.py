@@ -132,7 +132,8 @@ class Forked:
         return self.log.read()
 
     def kill(self):
-        os.kill(self.pid, signal.SIGKILL)
+        if self.returncode is None:  # once reaped, its pid may be another process's
+            os.kill(self.pid, signal.SIGKILL)
         return self.wait()
 
 
