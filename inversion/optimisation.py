@@ -61,7 +61,7 @@ def layer_settings(s, layer):
 
 def with_iterations(cfg, iterations):
     """`--iterations N`: N steps for every layer, the layers' own `iterations` entries included (a quick
-    run asked for on the command line must not spend 400 on conv5)."""
+    run asked for on the command line must not spend conv5's and fc6's 800)."""
     per_layer = {layer: {k: v for k, v in entry.items() if k != "iterations"}
                  for layer, entry in cfg["optimisation.layers"].items()}
     return {**cfg, "optimisation.iterations": iterations, "optimisation.layers": per_layer}

@@ -310,16 +310,7 @@ def _mount_private_tmpfs(folder, size):
 
 
 def _can_mount_tmpfs():
-    if not hasattr(os, "fork"):
-        return False
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _mount_private_tmpfs("/mnt", "1m")
-            os._exit(0)
-        except BaseException:  # noqa: BLE001 - any failure means no
-            os._exit(1)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    return Forked(_mount_private_tmpfs, "/mnt", "1m").wait() == 0
 
 
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a tmpfs mounted in a private user and mount namespace")
