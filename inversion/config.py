@@ -44,6 +44,8 @@ SCHEMA = {
     "extract.workers": ("auto", (str, int), lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
                         "auto or an integer >= 1"),
     "device": ("auto", str, lambda v: v in ("auto", "cpu", "mps") or v.startswith("cuda"), "auto, cpu, cuda, cuda:N or mps"),
+    # What training, decoding and the baseline compute in (runtime.resolve_precision); weights stay fp32.
+    "precision": ("auto", str, lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
     "decoder.width": (0.5, _NUM, lambda v: 0 < v <= 4, "a number in (0, 4]"),
     "decoder.fc_width": (4096, int, lambda v: v >= 16 and v % 16 == 0, "a multiple of 16 (the paper's 4096)"),
     "train.epochs": ("auto", (str, int), lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
