@@ -22,7 +22,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import batching, config, data, encoder, extraction, feature_cache, runtime, synthetic, training
+from . import batching, config, data, encoder, extraction, feature_cache, runtime, synthetic
 from .console import console
 from .decoders import FC_WIDTH, LEAK, Decoder
 from .images import to_target
@@ -34,6 +34,7 @@ def run(images=512, batch=64, steps=5, device="auto", window=1.0, fc_width=FC_WI
     """Every measurement; `window` is the seconds each throughput timing runs (shorter: noisier);
     `fc_width` sizes the fc decoders (the paper's 4096 by default; a smoke test runs them tiny)."""
     device = runtime.pick_device(device)
+    runtime.keep_freed_memory()  # as training does
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         classes = 8
@@ -44,7 +45,8 @@ def run(images=512, batch=64, steps=5, device="auto", window=1.0, fc_width=FC_WI
         console.print(f"bench: {n} synthetic 64x64 images, batch {batch}, {steps} timed steps, "
                       f"on {runtime.describe_device(device)}")
         b = SimpleNamespace(cfg=cfg, tmp=tmp, n=n, batch=batch, steps=steps, device=device, window=window,
-                            fc_width=fc_width, rows=[], out={})
+                            fc_width=fc_width, rows=[], out={},
+                            precision=runtime.resolve_precision("auto", device))  # what training computes in
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             rate = b.out[f"matmul_gflops_{name}"] = _matmul_rate(dtype, device, min_seconds=window / 2)
             b.rows.append((f"dense matmul 2048x2048, {name} (`matmul_gflops_{name}`)",
@@ -86,12 +88,13 @@ def _training_steps(b, cache, alexnet):
     data = {layer: torch.from_numpy(cache["train"][layer][:batch]).to(device) for layer in config.LAYERS}
     images_u8 = torch.from_numpy(cache["train"]["images"][:batch]).to(device)
     fc_width = b.fc_width
-    cached = {layer: _step_time(_cached_step(data[layer], images_u8, device, fc_width), steps, device)
+    precision = b.precision
+    cached = {layer: _step_time(_cached_step(data[layer], images_u8, device, fc_width, precision=precision),
+                                steps, device)
               for layer in config.LAYERS}
-    precision = "bf16" if device.type == "cuda" else "fp32"  # what training computes in: bf16 autocast on CUDA
     peak = out[f"matmul_gflops_{precision}"]
     for layer in config.LAYERS:
-        flops = _train_flops(data[layer], images_u8, device, fc_width)
+        flops = _train_flops(data[layer], images_u8, device, fc_width, precision)
         rate = flops * batch / cached[layer] / 1e9
         if layer == "conv2":
             out["train_flops_fraction"] = rate / peak
@@ -100,21 +103,41 @@ def _training_steps(b, cache, alexnet):
                      f"{flops / 1e6:,.0f} MFLOP/sample x {batch / cached[layer]:,.0f} samples/s = "
                      f"{rate:,.0f} vs {peak:,.0f} GFLOP/s", rate / peak, ">= 0.7" if layer == "conv2" else ""))
     for layer, goal in (("conv2", 20), ("fc6", 3)):
-        original = _step_time(_original_step(layer, alexnet, images_u8, device, b.cfg, fc_width), steps, device)
+        original = _step_time(_original_step(layer, alexnet, images_u8, device, b.cfg, fc_width, precision), steps, device)
         out[f"orig_vs_cached_{layer}"] = original / cached[layer]
         rows.append((f"{layer}: original step vs cached step", f"{original * 1e3:,.0f} vs {cached[layer] * 1e3:,.0f} ms",
                      out[f"orig_vs_cached_{layer}"], f">= {goal}"))
     online = {}
     for layer in config.LAYERS:
-        t = _step_time(_online_step(layer, alexnet, images_u8, device, b.cfg, fc_width), steps, device)
+        t = _step_time(_online_step(layer, alexnet, images_u8, device, b.cfg, fc_width, precision), steps, device)
         online[layer] = t / cached[layer]
         rows.append((f"{layer}: online step vs cached step", f"{t * 1e3:,.0f} vs {cached[layer] * 1e3:,.0f} ms",
                      online[layer], ">= 2"))
     out["online_vs_cached"] = min(online.values())
-    unfused = _step_time(_cached_step(data["fc6"], images_u8, device, fc_width, fused=False), steps, device)
+    unfused = _step_time(_cached_step(data["fc6"], images_u8, device, fc_width, fused=False, precision=precision),
+                         steps, device)
     rows.append(("fc6 cached step: for-each Adam vs fused Adam (the default)",
                  f"{unfused * 1e3:,.0f} vs {cached['fc6'] * 1e3:,.0f} ms", unfused / cached["fc6"], ""))
+    _precision_rows(b, data, images_u8)
     return cached
+
+
+def _precision_rows(b, data, images_u8):
+    """conv2's and fc6's cached steps in every precision this device computes natively, each FLOP rate
+    against that precision's own matmul ceiling: what `precision: auto` buys, and what is left."""
+    natives = [name for name in ("fp32", "bf16") if b.out.get(f"matmul_gflops_{name}")
+               and (name == "fp32" or runtime.resolve_precision("auto", b.device) == "bf16")]
+    for layer in ("conv2", "fc6"):
+        flops = {}
+        for precision in natives:
+            seconds = _step_time(_cached_step(data[layer], images_u8, b.device, b.fc_width, precision=precision),
+                                 b.steps, b.device)
+            rate = b.out[f"train_samples_per_s_{layer}_{precision}"] = b.batch / seconds
+            flops[precision] = _train_flops(data[layer], images_u8, b.device, b.fc_width, precision) * rate / 1e9
+            fraction = b.out[f"flop_fraction_{layer}_{precision}"] = flops[precision] / b.out[f"matmul_gflops_{precision}"]
+            b.rows.append((f"{layer}: {precision} training step (`train_samples_per_s_{layer}_{precision}`; ratio: "
+                           f"`flop_fraction_{layer}_{precision}`)",
+                           f"{rate:,.0f} samples/s, {flops[precision]:,.0f} GFLOP/s", fraction, ""))
 
 
 def _cache_io(b, cache, job, cached):
@@ -168,15 +191,15 @@ def _forward_rate(model, n, batch, device):
     return done / (time.perf_counter() - t0)
 
 
-def _train_step(model, inputs, target, device, fused=True):
+def _train_step(model, inputs, target, device, fused=True, precision="fp32"):
     """One decoder training step; `inputs` and `target` are recomputed inside it, as a pipeline would."""
     model = model.to(device)
-    opt = training.adam(model.parameters(), device, fused, lr=1e-4)
+    opt = runtime.adam(model.parameters(), device, fused, lr=1e-4)
 
     def step():
         with torch.no_grad():
             x, y = inputs(), target()
-        with runtime.autocast(device):
+        with runtime.autocast(device, precision):
             loss = F.mse_loss(model(x.float()).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -184,26 +207,27 @@ def _train_step(model, inputs, target, device, fused=True):
     return step
 
 
-def _cached_step(features, images_u8, device, fc_width, fused=True):
+def _cached_step(features, images_u8, device, fc_width, fused=True, precision="fp32"):
     """Ours: features straight from the cache, 64x64 targets."""
     return _train_step(Decoder(features.shape[1:], fc_width=fc_width), lambda: features, lambda: to_target(images_u8),
-                       device, fused)
+                       device, fused, precision)
 
 
-def _online_step(layer, alexnet, images_u8, device, cfg, fc_width):
+def _online_step(layer, alexnet, images_u8, device, cfg, fc_width, precision):
     """Our decoder, but with AlexNet run inside the step instead of read from the cache."""
     shape = encoder.feature_shapes("alexnet", cfg["encoder.input_size"], [layer])[layer]
     return _train_step(Decoder(shape, fc_width=fc_width), _tap(alexnet, images_u8, layer, cfg),
-                       lambda: to_target(images_u8), device)
+                       lambda: to_target(images_u8), device, precision=precision)
 
 
-def _original_step(layer, alexnet, images_u8, device, cfg, fc_width):
+def _original_step(layer, alexnet, images_u8, device, cfg, fc_width, precision):
     """The original approach: AlexNet in the step, decoder and targets at 416 or 128 px."""
     shape = encoder.feature_shapes("alexnet", cfg["encoder.input_size"], [layer])[layer]
     size = ORIGINAL_SIZE[layer]
     upscaled = lambda: F.interpolate(to_target(images_u8), size=(size, size), mode="bilinear",
                                      align_corners=False)
-    return _train_step(original_decoder(shape, fc_width), _tap(alexnet, images_u8, layer, cfg), upscaled, device)
+    return _train_step(original_decoder(shape, fc_width), _tap(alexnet, images_u8, layer, cfg), upscaled, device,
+                       precision=precision)
 
 
 def _tap(alexnet, images_u8, layer, cfg):
@@ -272,11 +296,11 @@ def _probe_seconds(dtype, device, n=512):
     return time.perf_counter() - t0
 
 
-def _train_flops(features, images_u8, device, fc_width):
+def _train_flops(features, images_u8, device, fc_width, precision="fp32"):
     """Forward + backward FLOPs per sample of a cached training step (matmuls and convolutions,
     as torch's FlopCounterMode counts them; element-wise work and the optimiser are not counted)."""
     model = Decoder(features.shape[1:], fc_width=fc_width).to(device)
-    with FlopCounterMode(display=False) as counter, runtime.autocast(device):
+    with FlopCounterMode(display=False) as counter, runtime.autocast(device, precision):
         loss = F.mse_loss(model(features.float()).float(), to_target(images_u8))
         loss.backward()
     return counter.get_total_flops() / len(features)

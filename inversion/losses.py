@@ -76,7 +76,8 @@ class Balance:
 class Objective:
     """The generator's loss per batch (stepping D on the way), the discriminator's state for checkpoints."""
 
-    def __init__(self, cfg, cache, layer, device):
+    def __init__(self, cfg, cache, layer, device, precision="fp32"):
+        self.precision = precision  # every network's forward under it (runtime.autocast); losses in fp32
         self.weights = {name: cfg[f"loss.{name}"] for name in ("pixel", "feature", "adversarial")}
         self.node = cfg["loss.comparator"]
         self.cached = self.node in cache.attrs["layers"]
@@ -88,7 +89,7 @@ class Objective:
             torch.manual_seed(runtime.derive_seed(cfg["seed"], layer, 0, 1))  # D's own stream: G's init stays
             self.d = Discriminator().to(device)
             self.d_net = self.d
-            self.d_optimizer = torch.optim.Adam(self.d.parameters(), lr=D_LR, betas=D_BETAS)
+            self.d_optimizer = runtime.adam(self.d.parameters(), device, lr=D_LR, betas=D_BETAS)
 
     def start_epoch(self, seed, layer, epoch):
         """D's dropout draws from torch's global generator: seeded per epoch, so a resumed run draws what
@@ -113,19 +114,24 @@ class Objective:
         detached, for the epoch's mean. `target_features`: the batch's cached comparator features or None."""
         train_d, train_g = self.balance.update(*self.last)
         target = to_target(y)
-        out = model(x.float()).float()
+        with self._autocast(x):
+            out = model(x.float()).float()
         d_loss = g_adv = torch.zeros((), device=out.device)
         if self.d is not None:
             d_loss = self._discriminator_step(out, target, weight, train_d)
         terms = {"pixel": F.mse_loss(out, target)}
         if self.comparator is not None:
-            if target_features is None:
-                with torch.no_grad():
-                    target_features = self.comparator(target)
-            terms["feature"] = F.mse_loss(self.comparator(out), target_features.float())
+            with self._autocast(x):
+                if target_features is None:
+                    with torch.no_grad():
+                        target_features = self.comparator(target)
+                reconstructed = self.comparator(out).float()
+            terms["feature"] = F.mse_loss(reconstructed, target_features.float())
         if self.d is not None:
+            with self._autocast(x):
+                logits = self.d_net(out).float()
             terms["adversarial"] = g_adv = F.cross_entropy(
-                self.d_net(out), torch.ones(len(out), dtype=torch.long, device=out.device))
+                logits, torch.ones(len(out), dtype=torch.long, device=out.device))
         loss = sum(self.weights[name] * value for name, value in terms.items())
         if len(x) == 0:
             loss = out.sum() * 0
@@ -147,7 +153,8 @@ class Objective:
     def _discriminator_step(self, fake, real, weight, train):
         """D's loss on a real and a fake batch (summed, as r wants it); a step unless paused."""
         self.d_net.train()
-        logits = self.d_net(torch.cat([real, fake.detach()]))
+        with self._autocast(real):
+            logits = self.d_net(torch.cat([real, fake.detach()])).float()
         labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).long().to(real.device)
         d_loss = 2 * F.cross_entropy(logits, labels) if len(real) else logits.sum() * 0
         self.d_optimizer.zero_grad(set_to_none=True)
@@ -155,6 +162,9 @@ class Objective:
         if train:
             self.d_optimizer.step()
         return d_loss.detach()
+
+    def _autocast(self, x):
+        return runtime.autocast(x.device, self.precision)
 
     def summary(self):
         """Per epoch, for the history: each term's mean before weighting (this rank's samples) and, with

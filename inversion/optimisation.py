@@ -94,19 +94,21 @@ def total_variation(u, beta):
 
 def feature_loss(taps, layer, x, phi0, input_size, arch):
     """Per-image ||phi(x) - phi0||^2 / ||phi0||^2, through the cache's own preprocessing."""
-    phi = taps(encoder.preprocess_float(x, input_size, arch))[layer]
+    phi = taps(encoder.preprocess_float(x, input_size, arch))[layer].float()
     return (phi - phi0).pow(2).flatten(1).sum(1) / phi0.pow(2).flatten(1).sum(1).clamp_min(1e-12)
 
 
-def objective(taps, layer, x, phi0, s, input_size, arch, shift=(0, 0)):
-    """Per-image objective (B,) and its feature term; `shift` rolls x (jitter) before the encoder."""
+def objective(taps, layer, x, phi0, s, input_size, arch, shift=(0, 0), precision="fp32"):
+    """Per-image objective (B,) and its feature term; `shift` rolls x (jitter) before the encoder, which runs
+    in `precision` (the regularisers and the fit's sums stay fp32)."""
     mean, std = encoder.normalisation_tensors(arch, x.device)
     u = (x - mean) / std
-    fit = feature_loss(taps, layer, torch.roll(x, shift, (2, 3)) if any(shift) else x, phi0, input_size, arch)
+    with runtime.autocast(x.device, precision):
+        fit = feature_loss(taps, layer, torch.roll(x, shift, (2, 3)) if any(shift) else x, phi0, input_size, arch)
     return fit + s["lambda_alpha"] * alpha_norm(u, s["alpha"]) + s["lambda_tv"] * total_variation(u, s["beta"]), fit
 
 
-def invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step=None):
+def invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step=None, precision="fp32"):
     """Optimise a batch of images towards `phi0` (B, *shape) on phi0's device.
 
     Returns (images (B, 3, S, S) clamped to [0, 1] on the CPU, {objective: [mean per step],
@@ -119,15 +121,15 @@ def invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step=Non
     start = mean + s["init_std"] * torch.randn(len(phi0), 3, image_size, image_size, generator=generator).to(device)
     x = start.clone().requires_grad_(True)
     if s["optimizer"] == "adam":
-        optimizer = torch.optim.Adam([x], lr=s["lr"])
+        optimizer = runtime.adam([x], device, lr=s["lr"])
     else:
-        optimizer = torch.optim.SGD([x], lr=s["lr"], momentum=s["momentum"])
+        optimizer = torch.optim.SGD([x], lr=s["lr"], momentum=s["momentum"], fused=device.type in ("cpu", "cuda"))
     history, fits = [], []
     for step in range(s["iterations"]):
         for group in optimizer.param_groups:
             group["lr"] = s["lr"] * 0.5 * (1 + math.cos(math.pi * step / s["iterations"]))
         shift = tuple(torch.randint(-s["jitter"], s["jitter"] + 1, (2,), generator=generator).tolist())
-        value, fit = objective(taps, layer, x, phi0, s, input_size, arch, shift)
+        value, fit = objective(taps, layer, x, phi0, s, input_size, arch, shift, precision)
         optimizer.zero_grad(set_to_none=True)
         value.sum().backward()
         optimizer.step()
@@ -165,6 +167,8 @@ def _run(cfg, cache, layers, num_images, fresh, split):
                                    "encoder that built the cache")
     decoders = inference.load_decoders(cfg, cache, layers)
     device = runtime.pick_device(cfg["device"])
+    precision = runtime.resolve_precision(cfg["precision"], device)
+    runtime.keep_freed_memory()
     model = model.to(device)
     arch, input_size = identity.get("arch", "alexnet"), cfg["encoder.input_size"]
 
@@ -187,7 +191,8 @@ def _run(cfg, cache, layers, num_images, fresh, split):
     result = {
         "config_hash": config.digest(cfg), "cache": str(cache.path), "cache_hash": cache.attrs["cache_hash"],
         "encoder": identity, "encoder_description": encoder.describe(identity),
-        "device": runtime.describe_device(device), "versions": runtime.versions(), "split": split,
+        "device": runtime.describe_device(device), "precision": precision, "versions": runtime.versions(),
+        "split": split,
         "images": [{"index": int(i), "label": int(labels[i]), "name": names[labels[i]]} for i in rows],
         "settings": s, "guard": guard, "normaliser_mean_pair_distance": normaliser,
         "figure": f"{FIGURE}.png", "objective_figure": f"{OBJECTIVE_FIGURE}.png", "layers": {},
@@ -195,7 +200,7 @@ def _run(cfg, cache, layers, num_images, fresh, split):
     console.print(f"inverting {len(rows)} {split} images from {', '.join(decoders)} by optimisation "
                   f"({_per_layer({l: u['iterations'] for l, u in used.items()}, 'iterations')}, "
                   f"{_per_layer({l: u['optimizer'] for l, u in used.items()}, 'optimizer')}) "
-                  f"on {runtime.describe_device(device)}")
+                  f"on {runtime.describe_device(device, precision)}")
     computed, pictures = 0, {}
     for layer, (decoder, checkpoint) in decoders.items():
         features = _read_rows(cache[split][layer], rows)
@@ -207,7 +212,7 @@ def _run(cfg, cache, layers, num_images, fresh, split):
             entry = previous["layers"][layer]["optimisation"]
         else:
             optimised, entry = _optimise_layer(cfg, model, arch, layer, phi0, originals.shape[-1], used[layer],
-                                               input_size)
+                                               input_size, precision)
             entry.update(metrics.summarize(originals, optimised, normaliser))
             _save_images(stored, optimised)
             computed += 1
@@ -293,7 +298,7 @@ def _per_layer(values, name):
     return f"{name} " + ", ".join(f"{layer} {value}" for layer, value in values.items())
 
 
-def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size):
+def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size, precision="fp32"):
     """`s`: this layer's own settings (`layer_settings`), stored with its results."""
     taps = encoder.extractor(model, arch, [layer]).eval()
     seed = runtime.derive_seed(cfg["seed"], layer)
@@ -306,7 +311,7 @@ def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size):
                        rate=f"{(step + 1) / (time.perf_counter() - t0):.2f} it/s")
 
         with Timer() as t:
-            optimised, trace = invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step)
+            optimised, trace = invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step, precision)
     history = trace["objective"]
     drop = final_relative_drop(history)
     console.print(f"{layer}: objective {history[0]:.4g} -> {history[-1]:.4g} (final relative drop "

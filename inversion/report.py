@@ -30,6 +30,7 @@ def _render(cfg, cache, layers, num_images):
     decoders = inference.load_decoders(cfg, cache, layers)
 
     device = runtime.pick_device(cfg["device"])
+    runtime.keep_freed_memory()
     images = cache.load("eval", "images")
     labels = cache.load("eval", "labels")
     originals = to_target(torch.from_numpy(images))
@@ -61,6 +62,7 @@ def _render(cfg, cache, layers, num_images):
         "classes": [{"label": i, "wnid": w, "name": n}
                     for i, (w, n) in enumerate(zip(cache.attrs["class_wnids"], cache.attrs["class_names"]))],
         "eval_images": len(images),
+        "precision": runtime.resolve_precision(cfg["precision"], device),  # what the decoders decoded in
         "normaliser_mean_pair_distance": normaliser,
         "layers": {layer: {**scores[layer], "epochs": len(ckpt["history"])} for layer, (_, ckpt) in decoders.items()},
         "baselines": baselines,

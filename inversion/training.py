@@ -37,11 +37,13 @@ def train(cfg, layers=None, fresh=False):
     layers = layers or cfg["layers"]
     cache = feature_cache.open_for(cfg, layers)
     device = runtime.pick_device(cfg["device"])
+    precision = runtime.resolve_precision(cfg["precision"], device)
+    runtime.keep_freed_memory()
     distributed.setup(device)
     ranks = f", {distributed.world_size()} ranks (DistributedDataParallel)" if distributed.launched() else ""
     setting = cfg["train.epochs"]
     cfg = dict(cfg, **{"train.epochs": resolve_epochs(setting, device)})  # the lr schedule needs the number
-    console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device)}{ranks}, "
+    console.print(f"training {', '.join(layers)} from {cache.path} on {runtime.describe_device(device, precision)}{ranks}, "
                   f"{cfg['train.epochs']} epochs" + (f" (train.epochs: auto on {device.type})" if setting == "auto" else ""))
     histories = {}
     with Timer() as timer, cache, contextlib.ExitStack() as locks:
@@ -50,7 +52,7 @@ def train(cfg, layers=None, fresh=False):
             locks.enter_context(storage.lock(out / "train.lock", out))
         samples = 0
         for layer in layers:
-            histories[layer], start = train_layer(cfg, cache, layer, device, fresh)
+            histories[layer], start = train_layer(cfg, cache, layer, device, fresh, precision)
             samples += sum(h["samples"] for h in histories[layer][start:])
     distributed.teardown()
     _show_summary(histories)
@@ -63,9 +65,10 @@ def resolve_epochs(setting, device):
     return AUTO_EPOCHS.get(device.type, AUTO_EPOCHS["cpu"]) if setting == "auto" else setting
 
 
-def train_layer(cfg, cache, layer, device, fresh=False):
-    """Returns (history, number of epochs that were already done before this call)."""
-    run = build(cfg, cache, layer, device, fresh)
+def train_layer(cfg, cache, layer, device, fresh=False, precision="fp32"):
+    """Returns (history, number of epochs that were already done before this call). `precision`: what the
+    steps compute in (runtime.resolve_precision); it is recorded, not pinned, so a run resumes under another."""
+    run = build(cfg, cache, layer, device, fresh, precision)
     start, epochs = len(run.history), cfg["train.epochs"]
     if start >= epochs:
         console.print(f"{layer}: already trained for {start} epochs (train.epochs={epochs})")
@@ -87,13 +90,13 @@ def train_layer(cfg, cache, layer, device, fresh=False):
             rng = np.random.default_rng(runtime.derive_seed(cfg["seed"], layer, epoch + 1))
             batches = _batches(cfg, data, run, rng, device, epoch)
             train_loss, seen = train_one_epoch(run.net, run.optimizer, schedule, batches, device,
-                                               _advance(bar, task, t0), run.objective)
-            eval_loss = evaluate(run.model, data.eval_x, data.eval_y, cfg["train.batch_size"], device)
+                                               _advance(bar, task, t0), run.objective, precision)
+            eval_loss = evaluate(run.model, data.eval_x, data.eval_y, cfg["train.batch_size"], device, precision)
             seconds = time.perf_counter() - t0
             _check_finite(layer, epoch, train_loss, eval_loss, run)
             run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "eval_loss": eval_loss, "lr": lr,
                                 "seconds": round(seconds, 3), "samples": seen,
-                                "samples_per_s": round(seen / seconds, 1),
+                                "samples_per_s": round(seen / seconds, 1), "precision": precision,
                                 **(run.objective.summary() if run.objective else {})})
             if log:
                 log.epoch(run.model, run.history[-1])
@@ -106,7 +109,7 @@ def train_layer(cfg, cache, layer, device, fresh=False):
     return run.history, start
 
 
-def build(cfg, cache, layer, device, fresh):
+def build(cfg, cache, layer, device, fresh, precision="fp32"):
     """The decoder (seeded per layer), its Adam and its history, resumed from the layer's checkpoint where
     there is one; `guard` holds what a checkpoint is pinned to."""
     out = checkpoints.folder(cfg, layer)
@@ -116,7 +119,7 @@ def build(cfg, cache, layer, device, fresh):
     spec = checkpoints.make_spec(layer, shape, layout, cfg["decoder.width"], cfg["data.image_size"],
                                  cfg["decoder.fc_width"])
     guard = {"cache_hash": cache.attrs["cache_hash"], "holdout": cfg["train.holdout"], "decoder": spec}
-    objective = losses.active(cfg) and losses.Objective(cfg, cache, layer, device)
+    objective = losses.active(cfg) and losses.Objective(cfg, cache, layer, device, precision)
     if objective:
         guard["losses"] = losses.settings(cfg)  # pixel-only checkpoints stay as they were
     torch.manual_seed(runtime.derive_seed(cfg["seed"], layer, 0))
@@ -126,8 +129,8 @@ def build(cfg, cache, layer, device, fresh):
     resumed = checkpoints.resume_point(out, guard, fresh)
     if distributed.is_main():
         distributed.barrier()
-    optimizer = adam(model.parameters(), device, lr=cfg["train.lr"], betas=tuple(cfg["train.betas"]),
-                     weight_decay=cfg["train.weight_decay"])
+    optimizer = runtime.adam(model.parameters(), device, lr=cfg["train.lr"], betas=tuple(cfg["train.betas"]),
+                             weight_decay=cfg["train.weight_decay"])
     history = []
     if resumed:
         checkpoint, state = resumed
@@ -143,7 +146,7 @@ def build(cfg, cache, layer, device, fresh):
     elif cfg["train.init_from"]:
         model.load_state_dict(losses.initial_weights(cfg["train.init_from"], layer, guard)["model"])
     return SimpleNamespace(out=out, guard=guard, model=model, net=model, optimizer=optimizer, history=history,
-                           objective=objective or None)
+                           objective=objective or None, precision=precision)
 
 
 def load_data(cfg, cache, layer, run, device):
@@ -174,7 +177,7 @@ def load_data(cfg, cache, layer, run, device):
     return SimpleNamespace(train_x=train_x, train_y=train_y, eval_x=eval_x, eval_y=eval_y, comparator_targets=targets)
 
 
-def train_one_epoch(model, optimizer, schedule, data, device, advance, objective=None):
+def train_one_epoch(model, optimizer, schedule, data, device, advance, objective=None, precision="fp32"):
     """One pass over `data`, stepping the lr schedule after every optimiser step; returns (mean loss,
     samples), over all ranks. The loss stays on the device until the end. With an `objective` (perceptual
     losses) each batch also carries its comparator targets, and the objective takes the step."""
@@ -186,7 +189,7 @@ def train_one_epoch(model, optimizer, schedule, data, device, advance, objective
         if objective:
             loss = objective.step(model, optimizer, x, y, comparator_targets[0], weight)
         else:
-            loss = pixel_loss(model, x, y, device, weight)
+            loss = pixel_loss(model, x, y, device, weight, precision)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -199,13 +202,13 @@ def train_one_epoch(model, optimizer, schedule, data, device, advance, objective
 
 
 @torch.no_grad()
-def evaluate(model, x_all, y_all, batch, device):
+def evaluate(model, x_all, y_all, batch, device, precision="fp32"):
     """Mean pixel MSE over the whole split, in order; under torchrun each rank takes a contiguous share."""
     model.eval()
     start, stop = distributed.share(len(x_all), distributed.rank(), distributed.world_size())
     total, n = 0.0, 0
     for x, y in batching.ordered(x_all, y_all, batch, device, start, stop):
-        total += pixel_loss(model, x, y, device).item() * len(x)
+        total += pixel_loss(model, x, y, device, precision=precision).item() * len(x)
         n += len(x)
     total, n = distributed.all_sum([total, n], device)
     return total / n
@@ -214,7 +217,8 @@ def evaluate(model, x_all, y_all, batch, device):
 def save(cfg, run, is_best):
     extra, extra_state = run.objective.state() if run.objective else ({}, {})
     checkpoint = {"model": run.model.state_dict(), "history": run.history, **run.guard,
-                  "config_hash": config.digest(cfg), "versions": runtime.versions(), **extra}
+                  "config_hash": config.digest(cfg), "versions": runtime.versions(), "precision": run.precision,
+                  **extra}
     checkpoints.save(run.out, checkpoint, {"optimizer": run.optimizer.state_dict(), **extra_state}, is_best)
 
 
@@ -231,18 +235,13 @@ def _batches(cfg, data, run, rng, device, epoch):
         data.train_x, data.train_y, data.comparator_targets, device)
 
 
-def pixel_loss(model, x, y, device, weight=1.0):
-    """Pixel MSE of the batch, times `weight` (1 outside torchrun)."""
-    with runtime.autocast(device):
+def pixel_loss(model, x, y, device, weight=1.0, precision="fp32"):
+    """Pixel MSE of the batch, times `weight` (1 outside torchrun); the loss itself in fp32."""
+    with runtime.autocast(device, precision):
         out = model(x.float()).float()
         if len(x) == 0:
             return out.sum() * 0  # an empty share still joins DDP's gradient all-reduce
         return F.mse_loss(out, to_target(y)) * weight
-
-
-def adam(parameters, device, fused=True, **options):
-    """Adam, fused where PyTorch has the fused kernel (CPU and CUDA): ~1.8x faster fc-decoder steps."""
-    return torch.optim.Adam(parameters, fused=fused and device.type in ("cpu", "cuda"), **options)
 
 
 class _Held(torch.optim.lr_scheduler.LRScheduler):

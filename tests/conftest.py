@@ -42,7 +42,7 @@ def make_cfg(tmp, data_path, *overrides):
             "encoder.weights=random", "split.num_classes=3", "split.eval_per_class=2",
             "split.train_per_class=6", "train.batch_size=4", "train.epochs=2", "device=cpu",
             "extract.batch_size=5", "render.num_images=4", "render.grid_size=2", "decoder.fc_width=64",
-            "decoder.width=0.125"]
+            "decoder.width=0.125", "precision=fp32"]  # fp32: the same numbers on a CPU with or without bf16
     path = tmp / "config.yaml"
     if not path.exists():
         path.write_text("{}\n")

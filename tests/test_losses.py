@@ -149,3 +149,19 @@ def test_an_unknown_comparator_is_a_config_error(tmp_path):
     (tmp_path / "c.yaml").write_text("{}\n")
     with pytest.raises(UserError, match="loss.comparator: unknown layer 'conv9'"):
         config.load(tmp_path / "c.yaml", ["loss.comparator=conv9"])
+
+
+def test_the_perceptual_step_runs_in_bf16_with_a_fused_discriminator_optimiser(built, tmp_path):
+    cfg = cfg_in(built, tmp_path, **{"loss.feature": 0.05, "loss.adversarial": 1.0})
+    with feature_cache.open_for(cfg, ["conv5"]) as cache:
+        objective = losses.Objective(cfg, cache, "conv5", torch.device("cpu"), "bf16")
+        x, y = one_batch(cache)
+    assert objective.d_optimizer.defaults["fused"]
+    model = checkpoints.build(checkpoints.make_spec("conv5", x.shape[1:], "chw", 0.25, 64, 64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seen = []
+    hook = model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    loss = objective.step(model, optimizer, x, y, None, 1.0)
+    hook.remove()
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in [*model.parameters(), *objective.d.parameters()])

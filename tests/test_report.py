@@ -25,6 +25,7 @@ def test_render_from_cache_and_checkpoints_alone(trained, tmp_path, capsys):
         assert 0 <= values["mse"] < 1 and -1 <= values["ssim"] <= 1 and values["normalized_error"] > 0
     assert metrics["top1_agreement"].startswith("skipped: random-init encoder")
     assert metrics["encoder"] == {"arch": "alexnet", "kind": "random", "seed": 0}
+    assert metrics["precision"] == "fp32"  # what the decoders decoded in (the suite's setting)
     results = (out / "results.md").read_text()
     assert "random init, not ImageNet-pretrained" in results and metrics["config_hash"] in results
     assert all(c["wnid"] in results for c in metrics["classes"])

@@ -341,3 +341,22 @@ def test_the_perceptual_path_with_pixel_loss_alone_is_the_plain_loop(built, tmp_
 
 def losses_of(history):
     return [(h["train_loss"], h["eval_loss"]) for h in history]
+
+
+def test_bf16_trains_on_the_cpu_with_fp32_checkpoints_and_resumes_under_fp32(built, tmp_path, capsys):
+    fp32 = train(cfg_in(built, tmp_path / "fp32", **{"train.epochs": 2}))
+    cfg = cfg_in(built, tmp_path / "mixed", **{"train.epochs": 1, "precision": "bf16"})
+    first = train(cfg)
+    assert "threads), bf16, " in " ".join(capsys.readouterr().err.split())  # the line naming the device
+    folder = tmp_path / "mixed/decoders/conv5"
+    checkpoint = torch.load(folder / "last.pt", weights_only=True)
+    state = torch.load(folder / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    assert checkpoint["precision"] == "bf16" and first[0]["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in checkpoint["model"].values() if v.is_floating_point())
+    assert all(v.dtype == torch.float32 for s in state.values() for v in s.values() if v.dim())
+    # bf16 computes other numbers than fp32, close to them
+    assert first[0]["train_loss"] != fp32[0]["train_loss"]
+    assert first[0]["eval_loss"] == pytest.approx(fp32[0]["eval_loss"], rel=0.05)
+    resumed = train(dict(cfg, **{"train.epochs": 2, "precision": "fp32"}))  # precision is not pinned
+    assert [h["precision"] for h in resumed] == ["bf16", "fp32"] and losses(resumed)[0] == losses(first)[0]
+    assert resumed[1]["eval_loss"] == pytest.approx(fp32[1]["eval_loss"], rel=0.05)
