@@ -35,6 +35,7 @@ AUTO_EPOCHS = {"cpu": 3, "cuda": 30}
 def train(cfg, layers=None, fresh=False):
     """Train (or resume) the decoders of `layers`; returns {layer: history}."""
     layers = layers or cfg["layers"]
+    losses.check_objective(cfg)
     cache = feature_cache.open_for(cfg, layers)
     device = runtime.pick_device(cfg["device"])
     distributed.setup(device)
