@@ -69,12 +69,11 @@ def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tm
     target = feature_cache.path_for(cfg)
     assert target.name == reference.name  # same settings, same cache name
 
-    ranks = forked_ranks(console.run(extraction.extract), cfg)  # killed as soon as a part is being written
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(target.parent.glob("*.part-*.h5.partial")):
-        time.sleep(0.02)
+    ranks = forked_ranks(_extract_until_killed, cfg, tmp_path)  # killed once each has written a batch of its part
+    for r, rank in enumerate(ranks):
+        rank.wait_for(tmp_path / f"wrote-{r}")
     [rank.kill() for rank in ranks]
-    assert not target.exists()
+    assert not target.exists() and len(list(target.parent.glob("*.part-*.h5.partial"))) == 2
 
     ranks = forked_ranks(console.run(extraction.extract), cfg)  # run again: resumes
     assert [rank.wait() for rank in ranks] == [0, 0], ranks[0].text()[-3000:] + ranks[1].text()[-3000:]
@@ -89,6 +88,19 @@ def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tm
     part = target.with_name(f"{target.name}.part-1-of-2.h5")
     part.rename(part.with_suffix(".moved"))
     assert feature_cache.read_attrs(target) is None
+
+
+def _extract_until_killed(cfg, folder):
+    """A rank that stops for good after its first written batch. Polling for a part file instead, a busy test
+    process could miss the parts being written altogether."""
+    write = feature_cache.Writer.write
+
+    def writing(self, *args):
+        write(self, *args)
+        (folder / f"wrote-{os.environ['RANK']}").touch()
+        time.sleep(600)
+    feature_cache.Writer.write = writing
+    extraction.extract(cfg)
 
 
 def _train_in_one_group(runs):
@@ -134,3 +146,4 @@ def test_two_process_training_matches_one_process_with_each_loss(built, trained_
     assert len(checkpoints.read_history(folder / "history.jsonl")) == 2
     assert "discriminator" in torch.load(folder / "last.pt", weights_only=True)
     assert "discriminator_optimizer" in torch.load(folder / "optimizer.pt", weights_only=True)
+

@@ -110,14 +110,12 @@ def test_kill_9_during_extraction_leaves_no_complete_cache(tiny_zip, tmp_path):
 
     wrote = tmp_path / "wrote"
 
-    def slowly():
+    def stopped_after_a_batch():  # until the kill: sleeping 0.2 s a batch, it could finish first under load
         write = feature_cache.Writer.write
-        feature_cache.Writer.write = lambda *a: (write(*a), wrote.touch(), time.sleep(0.2))
+        feature_cache.Writer.write = lambda *a: (write(*a), wrote.touch(), time.sleep(600))
         extraction.extract(cfg)
-    child = Forked(slowly)
-    deadline = time.time() + 120
-    while time.time() < deadline and not wrote.exists():
-        time.sleep(0.02)
+    child = Forked(stopped_after_a_batch)
+    child.wait_for(wrote)
     child.kill()
     assert child.returncode == -signal.SIGKILL and not target.exists() and partial.exists()
     assert feature_cache.read_attrs(partial) is None
