@@ -41,7 +41,7 @@ from rich.table import Table
 
 from . import config, encoder, feature_cache, figures, inference, metrics, runtime, storage
 from .images import to_hwc, to_target
-from .console import Timer, console, progress, summary, warn
+from .console import Interrupted, Timer, console, progress, summary, warn
 from .errors import UserError
 
 RESULTS = "optimisation.json"
@@ -191,7 +191,10 @@ def _run(cfg, cache, layers, num_images, fresh, split):
                   f"on {runtime.describe_device(device)}")
     computed, pictures = 0, {}
     for layer, (decoder, checkpoint) in decoders.items():
-        pictures[layer], new = _layer(job, layer, decoder, checkpoint)
+        try:
+            pictures[layer], new = _layer(job, layer, decoder, checkpoint)
+        except KeyboardInterrupt as e:  # the layer in hand is dropped; finished ones are in optimisation.json
+            raise Interrupted(_kept(job, layer)) from e
         computed += new
     _figure(result, originals, pictures, [names[labels[i]].split(",")[0] for i in rows], out)
     _objective_figure(result, out)
@@ -241,6 +244,13 @@ def _layer(job, layer, decoder, checkpoint):
         "optimisation": entry}
     _write_json(job.out / RESULTS, _merged(job.result, job.previous, job.cache.attrs["layers"]))
     return (decoded, optimised), not done
+
+
+def _kept(job, layer):
+    """What an interrupted run keeps: every finished layer (this run's and a previous one's)."""
+    finished = list(_merged(job.result, job.previous, job.cache.attrs["layers"])["layers"])
+    kept = f"kept {', '.join(finished)} in {job.out / RESULTS}" if finished else "no layer was finished"
+    return f"{kept}; {layer}'s optimisation was dropped"
 
 
 def _figure(result, originals, pictures, row_labels, out):

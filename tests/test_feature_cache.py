@@ -121,6 +121,36 @@ def test_kill_9_during_extraction_leaves_no_complete_cache(tiny_zip, tmp_path):
     assert feature_cache.read_attrs(partial) is None
 
 
+def test_sigterm_during_extraction_keeps_the_written_batches_and_a_rerun_resumes(built, tiny_zip, tmp_path):
+    """A scheduler's SIGTERM: the batch in hand is written, the partial file kept, one line says so; the
+    re-run resumes after it and builds the same cache as one never stopped."""
+    _, reference = built
+    cfg = make_cfg(tmp_path, tiny_zip, "cache.dtype=float32")
+    target = feature_cache.path_for(cfg)
+    partial, wrote = target.with_name(target.name + ".partial"), tmp_path / "wrote"
+
+    def stopped_after_the_first_batch():
+        write = feature_cache.Writer.write
+
+        def writing(self, *args):
+            write(self, *args)
+            if not wrote.exists():
+                wrote.touch()
+                while not console.interrupt_requested():
+                    time.sleep(0.01)
+        feature_cache.Writer.write = writing
+        console.run(extraction.extract)(cfg)
+    child = Forked(stopped_after_the_first_batch)
+    child.wait_for(wrote)
+    os.kill(child.pid, signal.SIGTERM)
+    assert child.wait() == 143, child.text()[-3000:]
+    assert child.text().strip().splitlines()[-1] == (f"interrupted by SIGTERM: kept 5 of 24 images in {partial}; "
+                                                     f"re-run the same command to continue")
+    assert not target.exists() and feature_cache.read_attrs(partial) is None
+    assert extraction.extract(cfg) == target
+    assert_same_cache(target, reference)
+
+
 def test_corrupt_jpeg_is_one_error_and_leaves_no_file(tmp_path):
     member = f"train/{WNIDS[0]}/images/{WNIDS[0]}_1.JPEG"
     bad = write_tiny_imagenet(tmp_path / "bad.zip", corrupt=member)
