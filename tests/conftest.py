@@ -151,6 +151,26 @@ class Forked:
         return self.wait()
 
 
+def wait_at_batch(n, reached, until=None):
+    """For a forked child: its n-th training batch (counted over epochs from 1) touches `reached`, then waits
+    until `until()` (default: until a Ctrl-C or SIGTERM has arrived), so the test sends its signal mid-epoch,
+    at a step it chose. The batch is fetched after the step before it and before the checks between steps."""
+    from inversion import batching
+
+    until = until or console.interrupt_requested
+    real, count = batching.batches, [0]
+
+    def batches(*args):
+        for item in real(*args):
+            count[0] += 1
+            if count[0] == n:
+                Path(reached).touch()
+                while not until():
+                    time.sleep(0.01)
+            yield item
+    batching.batches = batches
+
+
 def forked_ranks(fn, *args, world=2):
     """`world` forked processes running fn(*args) with the environment torchrun gives its ranks (the
     pipeline reads nothing else of torchrun's), all on one core: each rank computes with one thread, as
