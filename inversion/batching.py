@@ -1,6 +1,8 @@
 """Training input from the feature cache: a split in memory or streamed from HDF5, shuffled into batches,
 and under torchrun shared among the ranks so that the global batch is the single-process one."""
 
+import itertools
+
 import h5py
 import numpy as np
 import torch
@@ -28,26 +30,29 @@ def is_streamed(x):
     return isinstance(x, h5py.Dataset)
 
 
-def batches(x, y, batch, rng, buffer, device):
+def batches(x, y, batch, rng, buffer, device, skip=0):
     """Shuffled training batches (x, y, size of the global batch): an index permutation in memory, a
     shuffle buffer from HDF5. Under torchrun every rank draws the same permutation and takes its
     contiguous share of each batch, so the global batch is the single-process one; streamed, each rank
-    reads its own blocks (batch / world samples a step: results then depend on the world size)."""
+    reads its own blocks (batch / world samples a step: results then depend on the world size).
+    `skip`: the first batches of the same order are left out (an epoch resumed mid-way); streamed, their
+    blocks are still read, since the shuffle buffer's order depends on what it held."""
     rank, world = distributed.rank(), distributed.world_size()
     if isinstance(x, torch.Tensor):  # already on the GPU
         order = torch.from_numpy(rng.permutation(len(x))).to(x.device)
-        for start in range(0, len(x), batch):
+        for start in range(skip * batch, len(x), batch):
             idx = order[start:start + batch]
             mine = idx[slice(*distributed.share(len(idx), rank, world))]
             yield x[mine], y[mine], len(idx)
     elif isinstance(x, np.ndarray):
         order = rng.permutation(len(x))
-        for start in range(0, len(x), batch):
+        for start in range(skip * batch, len(x), batch):
             idx = order[start:start + batch]
             mine = np.sort(idx[slice(*distributed.share(len(idx), rank, world))])  # friendlier memory access
             yield torch.from_numpy(x[mine]).to(device), torch.from_numpy(y[mine]).to(device), len(idx)
     else:
-        for bx, by in feature_cache.stream(x, y, max(1, batch // world), buffer, rng, rank, world):
+        streamed = feature_cache.stream(x, y, max(1, batch // world), buffer, rng, rank, world)
+        for bx, by in itertools.islice(streamed, skip, None):
             yield torch.from_numpy(bx).to(device), torch.from_numpy(by).to(device), len(bx) * world
 
 

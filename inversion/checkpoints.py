@@ -9,6 +9,10 @@ A decoder's folder, `output.dir/decoders/<layer>/`:
 - `optimizer.pt`: Adam's state at the end of an epoch, and which epoch. Only resume reads it, so no command
   that draws or decodes loads optimiser state (twice the weights' size).
 - `history.jsonl`: the history as text, one epoch a line.
+- `in-progress.pt`: an epoch part-way (`train.checkpoint_minutes`, or Ctrl-C / SIGTERM): weights, both
+  optimisers, the step within the epoch and what the rest of the epoch needs to run as it would have. Only
+  resume reads it, and only on top of the `last.pt` it continues; it is removed once that epoch is saved, so
+  no command that draws, decodes or reads the history ever takes part of an epoch for a whole one.
 
 Every file is written under a temporary name and renamed (`storage.replacing`): a kill or a full disk leaves
 the previous epoch's files. Checkpoints written before `optimizer.pt` existed hold the optimiser state in
@@ -28,7 +32,7 @@ from . import decoders
 from .decoders import FC_WIDTH, OUT_SIZE, Decoder
 from .errors import UserError
 
-LAST, BEST, OPTIMIZER, HISTORY = "last.pt", "best.pt", "optimizer.pt", "history.jsonl"
+LAST, BEST, OPTIMIZER, HISTORY, IN_PROGRESS = "last.pt", "best.pt", "optimizer.pt", "history.jsonl", "in-progress.pt"
 
 
 def folder(cfg, layer=""):
@@ -184,6 +188,41 @@ def _instead_of_damaged(out, guard, damaged):
     link(best, last)
     warn(f"{damaged}; moved it to {aside.name} and resuming from {best} (epoch {len(checkpoint['history'])})")
     return checkpoint
+
+
+def save_in_progress(out, state):
+    with storage.replacing(Path(out) / IN_PROGRESS) as tmp:
+        torch.save(state, tmp)
+
+
+def drop_in_progress(out):
+    (Path(out) / IN_PROGRESS).unlink(missing_ok=True)
+
+
+def load_in_progress(out, guard, completed, order):
+    """The in-progress state that continues epoch `completed` + 1 from the `completed` epochs resumed, or None
+    (the epoch then starts at its beginning): one of another epoch (left by a kill between an epoch's save and
+    its removal, or ahead of a `best.pt` resumed instead of a damaged `last.pt`) or one whose batch order
+    (`order`: batch size, seed, world size, streaming) or guarded settings differ is not used, with a warning
+    where it had steps to offer."""
+    path = Path(out) / IN_PROGRESS
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - cut short or not a checkpoint: either way nothing to resume
+        warn(f"{path} cannot be loaded ({storage.reason(e)}); epoch {completed + 1} starts at its beginning")
+        return None
+    if state.get("completed", -1) < completed:
+        return None  # an epoch since finished: its last.pt holds more
+    key = mismatch(state, guard) or next((k for k in order if state.get("order", {}).get(k) != order[k]), None)
+    if state["completed"] > completed or key:
+        why = (f"it continues epoch {state['completed'] + 1}, not {completed + 1}" if not key else
+               f"it was written with {key} {state['order'].get(key) if key in order else _pinned(state, key)}, "
+               f"now {order[key] if key in order else guard[key]}")
+        warn(f"{path} is not used ({why}); epoch {completed + 1} starts at its beginning")
+        return None
+    return state
 
 
 def read_history(path):

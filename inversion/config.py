@@ -61,6 +61,9 @@ SCHEMA = {
     "train.shuffle_buffer": (4096, int, lambda v: v >= 1, "an integer >= 1"),
     "train.tensorboard": (True, bool, None, "true or false"),
     "train.init_from": (None, (str, type(None)), None, "null or a decoders folder (e.g. outputs/decoders)"),
+    # An in-progress checkpoint within an epoch at most this often (training.py); null: at each epoch's end only.
+    "train.checkpoint_minutes": (None, (int, float, type(None)), lambda v: v is None or v > 0,
+                                 "null or a number of minutes > 0"),
     # Training objective (docs/perceptual-losses.md): pixel only, weight 1, is the 2016 paper's.
     "loss.pixel": (1.0, _NUM, lambda v: v >= 0, "a number >= 0"),
     "loss.feature": (0.0, _NUM, lambda v: v >= 0, "a number >= 0"),

@@ -163,7 +163,11 @@ def _decode_batch(blobs, size, path, members):
 
 def _die_with_parent():
     """Linux: end this worker when its parent dies. A `kill -9`ed extraction otherwise left its
-    decoding processes waiting on their queue for good (seen in the tests)."""
+    decoding processes waiting on their queue for good (seen in the tests). Ctrl-C and SIGTERM, which a
+    terminal or a scheduler sends to the whole process group, are the parent's to handle: it finishes the
+    batch in hand and shuts the pool down (a worker that raised instead would fail that batch)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

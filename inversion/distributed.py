@@ -60,6 +60,38 @@ def all_sum(values, device):
     return t.tolist()
 
 
+def any_rank(flags):
+    """Each flag, set on any rank: how the ranks agree on the step to stop or checkpoint at (one stopping
+    alone would leave the others waiting in DDP's all-reduce)."""
+    if not dist.is_initialized():
+        return [bool(flag) for flag in flags]
+    t = torch.tensor([int(bool(flag)) for flag in flags], dtype=torch.int64)
+    dist.all_reduce(t, group=_control_group())
+    return [bool(value) for value in t.tolist()]
+
+
+def gather(obj):
+    """Every rank's `obj` (picklable CPU values), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj, group=_control_group())
+    return out
+
+
+_control = {}
+
+
+def _control_group():
+    """The group for `any_rank` and `gather`: Gloo, beside NCCL too. Asked after every step, a flag on the GPU
+    would make the CPU wait for the GPU's queue each time."""
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    if "group" not in _control:
+        _control["group"] = dist.new_group(backend="gloo")
+    return _control["group"]
+
+
 def share(n, rank, world, unit=1):
     """[start, stop) of rank's contiguous share of n items, in whole units (batches) of `unit`:
     shares as equal as units allow, the first ones larger by a unit."""
@@ -72,3 +104,4 @@ def share(n, rank, world, unit=1):
 def teardown():
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control.clear()

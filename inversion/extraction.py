@@ -9,7 +9,8 @@ from rich.table import Table
 
 from . import data, decoders, distributed, encoder, feature_cache, runtime, storage
 from .errors import UserError
-from .console import Timer, console, progress, rate_text, summary, warn
+from .console import (Interrupted, Timer, console, deferred_interrupts, interrupt_requested, progress, rate_text,
+                      summary, warn)
 
 
 def extract(cfg):
@@ -126,7 +127,6 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
     _show_size(job.shapes, len(job.split.train) + len(job.split.eval), image_size, cfg["cache.dtype"])
     writer = feature_cache.Writer(target, attrs, _meta(job, items), job.shapes, cfg["cache.dtype"], image_size,
                                   cfg["cache.compression"])
-    dtype = getattr(torch, cfg["cache.dtype"])
     total = sum(len(part) for part in items.values())
     done_before = writer.done("train") + writer.done("eval")
     if done_before:
@@ -138,17 +138,15 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
                   + (f", {world} ranks (rate shown: this rank's x {world})" if world > 1 else ""), soft_wrap=True)
     finished = False
     try:
-        with Timer() as timer, progress() as bar, data.BatchDecoder(job.dataset, image_size, workers) as decoder:
+        with Timer() as timer, progress() as bar, data.BatchDecoder(job.dataset, image_size, workers) as decoder, \
+                deferred_interrupts():
             task = bar.add_task("extract", total=total, completed=done_before, rate="")
             for name, part in items.items():
-                starts = range(writer.done(name), len(part), batch_size)
-                # Decoded ahead, in order, while the encoder runs on the current batch.
-                batches = decoder.map([m for m, _ in part[s:s + batch_size]] for s in starts)
-                for start, images in zip(starts, batches):
-                    features = encoder.encode(taps, images, cfg["encoder.input_size"], arch, device, dtype)
-                    writer.write(name, start, images, features)
-                    bar.update(task, advance=len(images),
+                for done in _encode_and_write(cfg, taps, device, decoder, writer, name, part):
+                    bar.update(task, advance=done,
                                rate=rate_text(world * (bar.tasks[0].completed - done_before), timer.seconds, "img"))
+                    if interrupt_requested():  # the batch is written: stop here, the rest resumes
+                        raise Interrupted(f"kept {writer.on_disk():,} of {total:,} images in {writer.partial}")
             writer.finish()
             finished = True
     except storage.DiskError:  # the disk is full: keep the partial file for a re-run with room
@@ -161,6 +159,19 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
         if not finished:
             writer.close()
     return timer.seconds, total - done_before
+
+
+def _encode_and_write(cfg, taps, device, decoder, writer, name, part):
+    """Encode and write the split `name`'s rows not yet in the file, a batch at a time; yields each batch's
+    size once it is written."""
+    arch, batch_size, dtype = cfg["encoder.arch"], cfg["extract.batch_size"], getattr(torch, cfg["cache.dtype"])
+    starts = range(writer.done(name), len(part), batch_size)
+    # Decoded ahead, in order, while the encoder runs on the current batch.
+    batches = decoder.map([m for m, _ in part[s:s + batch_size]] for s in starts)
+    for start, images in zip(starts, batches):
+        features = encoder.encode(taps, images, cfg["encoder.input_size"], arch, device, dtype)
+        writer.write(name, start, images, features)
+        yield len(images)
 
 
 def decode_workers(setting, device):

@@ -122,6 +122,10 @@ class Writer:
         held = self.pending.get(split)
         return int(self.file[split].attrs["done"]) + (len(held["images"]) if held else 0)
 
+    def on_disk(self):
+        """Rows of every split on disk: what a re-run resumes after (held rows are not kept)."""
+        return sum(int(self.file[split].attrs["done"]) for split in SPLITS)
+
     def write(self, split, start, images, features):
         """Rows [start, start + len(images)) of every dataset; `done` moves only once they are on disk.
 

@@ -33,6 +33,15 @@ def active(cfg):
     return cfg["loss.feature"] > 0 or cfg["loss.adversarial"] > 0 or cfg["loss.pixel"] != 1.0
 
 
+def check_objective(cfg):
+    """Refused before any work: with all three weights 0 the loss is a constant zero, and training would run
+    to the end, writing checkpoints, without learning anything."""
+    keys = ("loss.pixel", "loss.feature", "loss.adversarial")
+    if all(cfg[key] == 0 for key in keys):
+        raise UserError(f"{', '.join(keys[:2])} and {keys[2]} are all 0: the training objective would be zero; "
+                        f"give at least one a weight above 0 (the default is loss.pixel=1)")
+
+
 def settings(cfg):
     """What a checkpoint trained with these losses is pinned to."""
     return {key: cfg[key] for key in ("loss.pixel", "loss.feature", "loss.adversarial", "loss.comparator")}

@@ -33,6 +33,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from rich.table import Table
 
 from . import config, encoder, feature_cache, figures, inference, metrics, runtime, storage
 from .images import to_hwc, to_target
-from .console import Timer, console, progress, summary, warn
+from .console import Interrupted, Timer, console, progress, summary, warn
 from .errors import UserError
 
 RESULTS = "optimisation.json"
@@ -169,26 +170,19 @@ def _run(cfg, cache, layers, num_images, fresh, split):
     device = runtime.pick_device(cfg["device"])
     precision = runtime.resolve_precision(cfg["precision"], device)
     runtime.keep_freed_memory()
-    model = model.to(device)
-    arch, input_size = identity.get("arch", "alexnet"), cfg["encoder.input_size"]
-
-    labels = cache.load(split, "labels")
-    rows = figures.choose_rows(labels, num_images, cfg["seed"])
-    all_images = cache.load(split, "images")
-    originals = to_target(torch.from_numpy(all_images[rows]))
-    normaliser = metrics.pair_distance(to_target(torch.from_numpy(all_images)), cfg["seed"])
-    del all_images
+    job = SimpleNamespace(cfg=cfg, cache=cache, split=split, out=out, device=device, model=model.to(device),
+                          precision=precision,
+                          arch=identity.get("arch", "alexnet"), input_size=cfg["encoder.input_size"])
+    labels, rows, originals, normaliser = _images(cfg, cache, split, num_images)
+    job.rows, job.originals, job.normaliser = rows, originals, normaliser
     s = settings(cfg)
     guard = {"cache_hash": cache.attrs["cache_hash"], "split": split, "rows": rows.tolist(), "settings": s,
              "seed": cfg["seed"]}
-    previous = _previous(out, guard, fresh)
-    default = config.defaults()["optimisation.layers"]  # the shipped per-layer values: no warning for those
-    unused = [layer for layer in s["layers"] if layer not in cache.attrs["layers"] and s["layers"][layer] != default.get(layer)]
-    if unused:
-        warn(f"optimisation.layers names {', '.join(unused)}, which this cache does not hold; ignored")
-    used = {layer: layer_settings(s, layer) for layer in decoders}
+    job.previous = _previous(out, guard, fresh)
+    _warn_unused(s, cache.attrs["layers"])
+    job.used = {layer: layer_settings(s, layer) for layer in decoders}
     names = cache.attrs["class_names"]
-    result = {
+    job.result = result = {
         "config_hash": config.digest(cfg), "cache": str(cache.path), "cache_hash": cache.attrs["cache_hash"],
         "encoder": identity, "encoder_description": encoder.describe(identity),
         "device": runtime.describe_device(device), "precision": precision, "versions": runtime.versions(),
@@ -198,37 +192,71 @@ def _run(cfg, cache, layers, num_images, fresh, split):
         "figure": f"{FIGURE}.png", "objective_figure": f"{OBJECTIVE_FIGURE}.png", "layers": {},
     }
     console.print(f"inverting {len(rows)} {split} images from {', '.join(decoders)} by optimisation "
-                  f"({_per_layer({l: u['iterations'] for l, u in used.items()}, 'iterations')}, "
-                  f"{_per_layer({l: u['optimizer'] for l, u in used.items()}, 'optimizer')}) "
+                  f"({_per_layer({l: u['iterations'] for l, u in job.used.items()}, 'iterations')}, "
+                  f"{_per_layer({l: u['optimizer'] for l, u in job.used.items()}, 'optimizer')}) "
                   f"on {runtime.describe_device(device, precision)}")
     computed, pictures = 0, {}
     for layer, (decoder, checkpoint) in decoders.items():
-        features = _read_rows(cache[split][layer], rows)
-        phi0 = torch.from_numpy(features).to(device).float()
-        stored = out / "optimisation" / f"{layer}.npz"
-        if layer in previous.get("layers", {}) and stored.exists():
-            console.print(f"{layer}: already optimised ({stored}); --fresh to recompute")
-            optimised = torch.from_numpy(np.load(stored)["images"])
-            entry = previous["layers"][layer]["optimisation"]
-        else:
-            optimised, entry = _optimise_layer(cfg, model, arch, layer, phi0, originals.shape[-1], used[layer],
-                                               input_size, precision)
-            entry.update(metrics.summarize(originals, optimised, normaliser))
-            _save_images(stored, optimised)
-            computed += 1
-        with Timer() as t:
-            decoded = inference.decode(decoder, features, 256, device)
-        history = checkpoint["history"]
-        result["layers"][layer] = {
-            "decoder": {**metrics.summarize(originals, decoded, normaliser), "seconds_per_image": t.seconds / len(rows),
-                        "epochs": len(history), "training_seconds": sum(h["seconds"] for h in history)},
-            "optimisation": entry}
-        pictures[layer] = (decoded, optimised)
-        _write_json(out / RESULTS, _merged(result, previous, cache.attrs["layers"]))  # stored as each layer finishes
+        try:
+            pictures[layer], new = _layer(job, layer, decoder, checkpoint)
+        except KeyboardInterrupt as e:  # the layer in hand is dropped; finished ones are in optimisation.json
+            raise Interrupted(_kept(job, layer)) from e
+        computed += new
     _figure(result, originals, pictures, [names[labels[i]].split(",")[0] for i in rows], out)
     _objective_figure(result, out)
     _show(result)
     return result, computed
+
+
+def _images(cfg, cache, split, num_images):
+    """(labels, the seeded grid rows, their images as targets, the split's mean pair distance)."""
+    labels = cache.load(split, "labels")
+    rows = figures.choose_rows(labels, num_images, cfg["seed"])
+    all_images = cache.load(split, "images")
+    originals = to_target(torch.from_numpy(all_images[rows]))
+    return labels, rows, originals, metrics.pair_distance(to_target(torch.from_numpy(all_images)), cfg["seed"])
+
+
+def _warn_unused(s, cached_layers):
+    default = config.defaults()["optimisation.layers"]  # the shipped per-layer values: no warning for those
+    unused = [layer for layer in s["layers"] if layer not in cached_layers and s["layers"][layer] != default.get(layer)]
+    if unused:
+        warn(f"optimisation.layers names {', '.join(unused)}, which this cache does not hold; ignored")
+
+
+def _layer(job, layer, decoder, checkpoint):
+    """One layer: optimised (or read back when a previous run finished it) and decoded, its results stored at
+    once; returns ((decoded, optimised) images, whether it was optimised now)."""
+    features = _read_rows(job.cache[job.split][layer], job.rows)
+    stored = job.out / "optimisation" / f"{layer}.npz"
+    done = layer in job.previous.get("layers", {}) and stored.exists()
+    if done:
+        console.print(f"{layer}: already optimised ({stored}); --fresh to recompute")
+        optimised = torch.from_numpy(np.load(stored)["images"])
+        entry = job.previous["layers"][layer]["optimisation"]
+    else:
+        phi0 = torch.from_numpy(features).to(job.device).float()
+        optimised, entry = _optimise_layer(job.cfg, job.model, job.arch, layer, phi0, job.originals.shape[-1],
+                                           job.used[layer], job.input_size, job.precision)
+        entry.update(metrics.summarize(job.originals, optimised, job.normaliser))
+        _save_images(stored, optimised)
+    with Timer() as t:
+        decoded = inference.decode(decoder, features, 256, job.device)
+    history = checkpoint["history"]
+    job.result["layers"][layer] = {
+        "decoder": {**metrics.summarize(job.originals, decoded, job.normaliser),
+                    "seconds_per_image": t.seconds / len(job.rows), "epochs": len(history),
+                    "training_seconds": sum(h["seconds"] for h in history)},
+        "optimisation": entry}
+    _write_json(job.out / RESULTS, _merged(job.result, job.previous, job.cache.attrs["layers"]))
+    return (decoded, optimised), not done
+
+
+def _kept(job, layer):
+    """What an interrupted run keeps: every finished layer (this run's and a previous one's)."""
+    finished = list(_merged(job.result, job.previous, job.cache.attrs["layers"])["layers"])
+    kept = f"kept {', '.join(finished)} in {job.out / RESULTS}" if finished else "no layer was finished"
+    return f"{kept}; {layer}'s optimisation was dropped"
 
 
 def _figure(result, originals, pictures, row_labels, out):

@@ -74,30 +74,85 @@ def lock(path, what):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise UserError(f"another process (pid {holder}) is writing {what}; wait for it to finish "
-                            f"(or stop it) and re-run") from None
-        try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+        fd = _claim(path)
+        if fd is not None:
+            break
+        _refuse_or_clear(path, what)
     try:
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError:
-            pass  # a full disk: the lock holds without the pid
         yield
     finally:
         path.unlink(missing_ok=True)  # before releasing: whoever waits then finds a fresh file
         os.close(fd)
+
+
+def _claim(path):
+    """A new lock file at `path`, locked and holding our pid before it has that name, as its descriptor; None
+    where `path` exists. Written under a temporary name and hard-linked into place (a link never replaces a
+    file): a lock file created at its name and written once locked could be read empty in between, and a
+    second process then named "pid unknown" (one test in a few hundred under load)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.new")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # no one else knows the name: at once
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # a full disk: the lock holds without the pid
+        os.link(tmp, path)
+        return fd
+    except FileExistsError:
+        os.close(fd)
+        return None
+    except OSError:  # a file system without hard links: created in place, its pid written once locked
+        os.close(fd)
+        return _claim_in_place(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _claim_in_place(path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    if not _same_file(fd, path):
+        os.close(fd)
+        return None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass
+    return fd
+
+
+def _refuse_or_clear(path, what):
+    """`path` exists: refuse, naming the pid in it, while its holder lives; a dead holder's file (its lock gone
+    with it) is removed, so that the caller claims afresh. Returns when the caller should try again."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return  # its holder has just left
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"another process (pid {holder}) is writing {what}; wait for it to finish "
+                            f"(or stop it) and re-run") from None
+        if _same_file(fd, path):  # a dead holder's: only the holder of its lock removes it
+            path.unlink()
+    finally:
+        os.close(fd)
+
+
+def _same_file(fd, path):
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def discard_writes(fd):

@@ -2,8 +2,10 @@
 
 Nothing here touches the encoder or a JPEG: inputs are the cached activations, targets the cached images
 scaled to [0, 1]. Each epoch ends in atomically written checkpoint files (see `checkpoints`), so a killed
-run loses at most the epoch in progress and a re-run continues up to `train.epochs`. A decoder folder has
-one writer at a time (a lock file in it).
+run loses at most the epoch in progress and a re-run continues up to `train.epochs`. Within an epoch an
+in-progress checkpoint is written every `train.checkpoint_minutes` and on Ctrl-C or SIGTERM (after the step
+in hand), and a re-run continues it at the next step, as the uninterrupted run would have gone on. A decoder
+folder has one writer at a time (a lock file in it).
 
 Per layer, top to bottom: build the decoder and its optimiser, resume, load the data, train an epoch,
 evaluate, save.
@@ -22,7 +24,7 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
 from . import batching, checkpoints, config, decoders, distributed, feature_cache, losses, runtime, storage, training_log
-from .console import Timer, console, progress, rate_text, summary
+from .console import Interrupted, Timer, console, deferred_interrupts, interrupt_requested, progress, rate_text, summary
 from .errors import UserError
 from .images import to_target
 
@@ -35,6 +37,7 @@ AUTO_EPOCHS = {"cpu": 3, "cuda": 30}
 def train(cfg, layers=None, fresh=False):
     """Train (or resume) the decoders of `layers`; returns {layer: history}."""
     layers = layers or cfg["layers"]
+    losses.check_objective(cfg)
     cache = feature_cache.open_for(cfg, layers)
     device = runtime.pick_device(cfg["device"])
     precision = runtime.resolve_precision(cfg["precision"], device)
@@ -52,7 +55,10 @@ def train(cfg, layers=None, fresh=False):
             locks.enter_context(storage.lock(out / "train.lock", out))
         samples = 0
         for layer in layers:
-            histories[layer], start = train_layer(cfg, cache, layer, device, fresh, precision)
+            try:
+                histories[layer], start = train_layer(cfg, cache, layer, device, fresh, precision)
+            except KeyboardInterrupt as e:
+                raise _interrupted(cfg, layer, list(histories), e) from e
             samples += sum(h["samples"] for h in histories[layer][start:])
     distributed.teardown()
     _show_summary(histories)
@@ -77,36 +83,58 @@ def train_layer(cfg, cache, layer, device, fresh=False, precision="fp32"):
         console.print(f"{layer}: resuming from {run.out / checkpoints.LAST} at epoch {start + 1}")
     data = load_data(cfg, cache, layer, run, device)
     steps = math.ceil(len(data.train_x) / cfg["train.batch_size"])  # per epoch
-    schedule = lr_schedule(run.optimizer, cfg, epochs * steps, done=start * steps)
+    run.order = batch_order(cfg, data)
+    partial = None if fresh else resume_in_progress(cfg, run, start, steps)
+    schedule = lr_schedule(run.optimizer, cfg, epochs * steps,
+                           done=partial["schedule_done"] if partial else start * steps)
     best = min((h["eval_loss"] for h in run.history), default=math.inf)
     provenance = {**run.guard, "encoder": cache.attrs["encoder"], "config_hash": config.digest(cfg),
                   "versions": runtime.versions()}
     log = training_log.open_log(cfg, layer, start, provenance, data.eval_x, data.eval_y)  # None: not logging
-    with progress() as bar, log or contextlib.nullcontext():
-        task = bar.add_task(f"{layer} epoch {start + 1}/{epochs}", total=len(data.train_x), rate="")
+    # Ctrl-C and SIGTERM wait for the step in hand (deferred_interrupts), then the ranks stop together.
+    with progress() as bar, log or contextlib.nullcontext(), deferred_interrupts():
+        run.bar, run.task = bar, bar.add_task(f"{layer} epoch {start + 1}/{epochs}", total=len(data.train_x), rate="")
+        boundaries = _Boundaries(cfg, run, steps, schedule, device)
         for epoch in range(start, epochs):
-            bar.reset(task, total=len(data.train_x), description=f"{layer} epoch {epoch + 1}/{epochs}")
-            lr, t0 = run.optimizer.param_groups[0]["lr"], time.perf_counter()
-            rng = np.random.default_rng(runtime.derive_seed(cfg["seed"], layer, epoch + 1))
-            batches = _batches(cfg, data, run, rng, device, epoch)
-            train_loss, seen = train_one_epoch(run.net, run.optimizer, schedule, batches, device,
-                                               _advance(bar, task, t0), run.objective, precision)
-            eval_loss = evaluate(run.model, data.eval_x, data.eval_y, cfg["train.batch_size"], device, precision)
-            seconds = time.perf_counter() - t0
-            _check_finite(layer, epoch, train_loss, eval_loss, run)
-            run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "eval_loss": eval_loss, "lr": lr,
-                                "seconds": round(seconds, 3), "samples": seen,
-                                "samples_per_s": round(seen / seconds, 1), "precision": precision,
-                                **(run.objective.summary() if run.objective else {})})
-            if log:
-                log.epoch(run.model, run.history[-1])
-            if distributed.is_main():  # one writer: every rank holds the same weights
-                # eval_loss is pixel MSE, which the perceptual terms trade away on purpose: best = last then
-                save(cfg, run, is_best=eval_loss < best or run.objective is not None)
-            best = min(best, eval_loss)
-            console.print(f"{layer} epoch {epoch + 1}/{epochs}: train {train_loss:.5f}  eval {eval_loss:.5f}  "
-                          f"({seconds:.1f} s, {seen / seconds:,.0f} samples/s)")
+            best = train_epoch(cfg, run, data, epoch, schedule, boundaries, best, log, partial, device)
+            partial = None
+            if distributed.any_rank([interrupt_requested()])[0]:
+                raise Interrupted(f"{layer}: kept its {epoch + 1} finished epochs ({run.out / checkpoints.LAST})")
     return run.history, start
+
+
+def train_epoch(cfg, run, data, epoch, schedule, boundaries, best, log, partial, device):
+    """One epoch, from its beginning or from the step an in-progress checkpoint (`partial`) reached, then its
+    evaluation and checkpoint; returns the best eval loss so far."""
+    layer, epochs = run.guard["decoder"]["layer"], cfg["train.epochs"]
+    skip = partial["step"] if partial else 0
+    run.bar.reset(run.task, total=len(data.train_x), description=f"{layer} epoch {epoch + 1}/{epochs}",
+                  completed=min(len(data.train_x), skip * cfg["train.batch_size"]))
+    lr, t0 = partial["lr"] if partial else run.optimizer.param_groups[0]["lr"], time.perf_counter()
+    rng = np.random.default_rng(runtime.derive_seed(cfg["seed"], layer, epoch + 1))
+    batches = _batches(cfg, data, run, rng, device, epoch, skip)  # seeds the objective's draws for the epoch
+    sums = _restore_rank_state(partial, run, device) if partial else None  # ... which a partial epoch continues
+    before = partial["seconds"] if partial else 0.0
+    after_step = boundaries.after_step(epoch, skip, lr, lambda: before + time.perf_counter() - t0)
+    train_loss, seen = train_one_epoch(run.net, run.optimizer, schedule, batches, device,
+                                       _advance(run.bar, run.task, t0), run.objective, after_step, sums, run.precision)
+    eval_loss = evaluate(run.model, data.eval_x, data.eval_y, cfg["train.batch_size"], device, run.precision)
+    seconds = before + time.perf_counter() - t0
+    _check_finite(layer, epoch, train_loss, eval_loss, run)
+    run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "eval_loss": eval_loss, "lr": lr,
+                        "seconds": round(seconds, 3), "samples": seen, "samples_per_s": round(seen / seconds, 1),
+                        "precision": run.precision,
+                        **(run.objective.summary() if run.objective else {})})
+    if log:
+        log.epoch(run.model, run.history[-1])
+    if distributed.is_main():  # one writer: every rank holds the same weights
+        # eval_loss is pixel MSE, which the perceptual terms trade away on purpose: best = last then
+        save(cfg, run, is_best=eval_loss < best or run.objective is not None)
+        checkpoints.drop_in_progress(run.out)  # after the save: a kill between the two leaves a stale one, unused
+    boundaries.saved()
+    console.print(f"{layer} epoch {epoch + 1}/{epochs}: train {train_loss:.5f}  eval {eval_loss:.5f}  "
+                  f"({seconds:.1f} s, {seen / seconds:,.0f} samples/s)")
+    return min(best, eval_loss)
 
 
 def build(cfg, cache, layer, device, fresh, precision="fp32"):
@@ -128,6 +156,8 @@ def build(cfg, cache, layer, device, fresh, precision="fp32"):
         distributed.barrier()  # rank 0 first settles a damaged last.pt (moved aside, best.pt linked in)
     resumed = checkpoints.resume_point(out, guard, fresh)
     if distributed.is_main():
+        if fresh:
+            checkpoints.drop_in_progress(out)  # else a later run would continue the old run's epoch
         distributed.barrier()
     optimizer = runtime.adam(model.parameters(), device, lr=cfg["train.lr"], betas=tuple(cfg["train.betas"]),
                              weight_decay=cfg["train.weight_decay"])
@@ -177,14 +207,21 @@ def load_data(cfg, cache, layer, run, device):
     return SimpleNamespace(train_x=train_x, train_y=train_y, eval_x=eval_x, eval_y=eval_y, comparator_targets=targets)
 
 
-def train_one_epoch(model, optimizer, schedule, data, device, advance, objective=None, precision="fp32"):
+def train_one_epoch(model, optimizer, schedule, data, device, advance, objective=None, after_step=None, sums=None,
+                    precision="fp32"):
     """One pass over `data`, stepping the lr schedule after every optimiser step; returns (mean loss,
     samples), over all ranks. The loss stays on the device until the end. With an `objective` (perceptual
-    losses) each batch also carries its comparator targets, and the objective takes the step."""
+    losses) each batch also carries its comparator targets, and the objective takes the step.
+    `after_step(steps, loss sum, samples)` runs between steps (it may checkpoint, or raise to stop), not after
+    the last, which the epoch's own checkpoint follows; `sums`: this rank's (loss sum, samples) of the steps an
+    in-progress checkpoint already took."""
     model.train()
     world = distributed.world_size()
-    total, seen = torch.zeros((), device=device), 0
-    for x, y, *comparator_targets, global_batch in data:
+    total, seen = sums or (torch.zeros((), device=device), 0)
+    batches = iter(data)
+    batch, steps = next(batches, None), 0
+    while batch is not None:
+        x, y, *comparator_targets, global_batch = batch
         weight = world * len(x) / global_batch  # DDP averages gradients over ranks: this makes it the batch mean
         if objective:
             loss = objective.step(model, optimizer, x, y, comparator_targets[0], weight)
@@ -197,8 +234,110 @@ def train_one_epoch(model, optimizer, schedule, data, device, advance, objective
         total += loss.detach() * (len(x) / weight if weight else 0)
         seen += len(x)
         advance(len(x) * world)
+        batch, steps = next(batches, None), steps + 1
+        if after_step and batch is not None:
+            after_step(steps, total, seen)
     total, seen = distributed.all_sum([total.item(), seen], device)
     return total / seen, int(seen)
+
+
+class _Boundaries:
+    """Between optimiser steps: an in-progress checkpoint when `train.checkpoint_minutes` have passed since the
+    last checkpoint or a Ctrl-C / SIGTERM waits, then, for the latter, the stop. The ranks agree on both
+    (`distributed.any_rank`), so they checkpoint and stop at the same step."""
+
+    def __init__(self, cfg, run, steps, schedule, device):
+        minutes = cfg["train.checkpoint_minutes"]
+        self.cfg, self.run, self.steps, self.schedule, self.device = cfg, run, steps, schedule, device
+        self.interval, self.last = None if minutes is None else minutes * 60, time.monotonic()
+
+    def saved(self):
+        self.last = time.monotonic()
+
+    def after_step(self, epoch, skip, lr, seconds):
+        """The `after_step` of epoch `epoch` (0-based) resumed after `skip` steps, whose first step ran at `lr`;
+        `seconds()`: the epoch's training time so far."""
+        def check(steps, total, seen):
+            due = self.interval is not None and time.monotonic() - self.last >= self.interval
+            stop, due = distributed.any_rank([interrupt_requested(), due])
+            if not (stop or due):
+                return
+            path = self._write(epoch, skip + steps, lr, seconds(), total, seen)
+            self.saved()
+            if stop:
+                distributed.barrier()  # no rank exits (and so has torchrun stop the others) before the write
+                raise Interrupted(f"{self.run.guard['decoder']['layer']}: kept epoch {epoch + 1} up to step "
+                                  f"{skip + steps} of {self.steps} ({path})")
+        return check
+
+    def _write(self, epoch, step, lr, seconds, total, seen):
+        """Rank 0 writes what every rank needs to continue: the shared weights and optimiser state, and each
+        rank's own loss sums, random state and objective counts."""
+        run = self.run
+        ranks = distributed.gather({"total": total.detach().cpu(), "seen": seen, "rng": _rng_state(self.device),
+                                    "counts": dict(run.objective.counts) if run.objective else {}})
+        path = run.out / checkpoints.IN_PROGRESS
+        if distributed.is_main():
+            extra, extra_state = run.objective.state() if run.objective else ({}, {})
+            checkpoints.save_in_progress(run.out, {
+                **run.guard, "completed": len(run.history), "epoch": epoch + 1, "step": step, "steps": self.steps,
+                "schedule_done": self.schedule.done, "lr": lr, "seconds": seconds, "order": run.order,
+                "ranks": ranks, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "config_hash": config.digest(self.cfg), "versions": runtime.versions(), **extra, **extra_state})
+        return path
+
+
+def batch_order(cfg, data):
+    """What an epoch's batches depend on besides (seed, layer, epoch): an in-progress checkpoint continues
+    only under the same."""
+    streamed = batching.is_streamed(data.train_x)
+    return {"batch_size": cfg["train.batch_size"], "seed": cfg["seed"], "world": distributed.world_size(),
+            "samples": len(data.train_x), "streamed": streamed,
+            "shuffle_buffer": cfg["train.shuffle_buffer"] if streamed else None}
+
+
+def resume_in_progress(cfg, run, completed, steps):
+    """The in-progress state of epoch `completed` + 1, loaded into the model and optimisers, or None."""
+    state = checkpoints.load_in_progress(run.out, run.guard, completed, run.order)
+    if state is None:
+        return None
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:  # as in build: the schedule replays from this run's train.lr
+        group["lr"] = cfg["train.lr"]
+        group.pop("initial_lr", None)
+    if run.objective:
+        run.objective.load(state, state)
+    console.print(f"{run.guard['decoder']['layer']}: continuing epoch {completed + 1} after step {state['step']} of "
+                  f"{steps} ({run.out / checkpoints.IN_PROGRESS})")
+    return state
+
+
+def _rng_state(device):
+    """torch's global generators: the discriminator's dropout draws from them (seeded per epoch)."""
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+
+def _restore_rank_state(partial, run, device):
+    """This rank's random state and objective counts as the in-progress checkpoint left them; returns its
+    (loss sum, samples) so far."""
+    mine = partial["ranks"][distributed.rank()]
+    torch.set_rng_state(mine["rng"]["cpu"])
+    if "cuda" in mine["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["rng"]["cuda"], device)
+    if run.objective:
+        run.objective.counts.update(mine["counts"])
+    return mine["total"].to(device), mine["seen"]
+
+
+def _interrupted(cfg, layer, finished, error):
+    """The one line an interrupted training ends in: what each layer keeps."""
+    before = f"{', '.join(finished)} finished; " if finished else ""
+    if isinstance(error, Interrupted):
+        return Interrupted(before + str(error))
+    last = checkpoints.folder(cfg, layer) / checkpoints.LAST
+    kept = f"its finished epochs are kept ({last})" if last.exists() else "no epoch was finished"
+    return Interrupted(f"{before}{layer}: {kept}")
 
 
 @torch.no_grad()
@@ -222,16 +361,16 @@ def save(cfg, run, is_best):
     checkpoints.save(run.out, checkpoint, {"optimizer": run.optimizer.state_dict(), **extra_state}, is_best)
 
 
-def _batches(cfg, data, run, rng, device, epoch):
-    """The epoch's shuffled batches; with perceptual losses drawn as row indices, so that the cached
-    comparator features of the same rows come along."""
+def _batches(cfg, data, run, rng, device, epoch, skip=0):
+    """The epoch's shuffled batches after the first `skip`; with perceptual losses drawn as row indices, so
+    that the cached comparator features of the same rows come along."""
     if not run.objective:
         return batching.batches(data.train_x, data.train_y, cfg["train.batch_size"], rng,
-                                cfg["train.shuffle_buffer"], device)
+                                cfg["train.shuffle_buffer"], device, skip)
     run.objective.start_epoch(cfg["seed"], run.guard["decoder"]["layer"], epoch)
     rows = np.arange(len(data.train_x))
     return losses.with_comparator_targets(
-        batching.batches(rows, rows, cfg["train.batch_size"], rng, cfg["train.shuffle_buffer"], device),
+        batching.batches(rows, rows, cfg["train.batch_size"], rng, cfg["train.shuffle_buffer"], device, skip),
         data.train_x, data.train_y, data.comparator_targets, device)
 
 

@@ -126,6 +126,20 @@ class Forked:
                 time.sleep(0.02)
         return self.returncode
 
+    def wait_for(self, path, timeout=300):
+        """Until the child creates `path`: how a test meets it at a point of its own choosing (a hook in the
+        child touches the file), not after a guessed delay. Fails at once if the child exits first."""
+        deadline = time.time() + timeout
+        while not Path(path).exists():
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+                raise AssertionError(f"forked child exited ({self.returncode}) before {path}:\n{self.text()[-3000:]}")
+            if time.time() > deadline:
+                self.kill()
+                raise TimeoutError(f"forked child {self.pid}: no {path} after {timeout} s:\n{self.text()[-3000:]}")
+            time.sleep(0.02)
+
     def text(self):
         """Everything it has printed so far."""
         self.log.seek(0)
@@ -137,14 +151,48 @@ class Forked:
         return self.wait()
 
 
+def wait_at_batch(n, reached, until=None):
+    """For a forked child: its n-th training batch (counted over epochs from 1) touches `reached`, then waits
+    until `until()` (default: until a Ctrl-C or SIGTERM has arrived), so the test sends its signal mid-epoch,
+    at a step it chose. The batch is fetched after the step before it and before the checks between steps."""
+    from inversion import batching
+
+    until = until or console.interrupt_requested
+    real, count = batching.batches, [0]
+
+    def batches(*args):
+        for item in real(*args):
+            count[0] += 1
+            if count[0] == n:
+                Path(reached).touch()
+                while not until():
+                    time.sleep(0.01)
+            yield item
+    batching.batches = batches
+
+
 def forked_ranks(fn, *args, world=2):
     """`world` forked processes running fn(*args) with the environment torchrun gives its ranks (the
     pipeline reads nothing else of torchrun's), all on one core: each rank computes with one thread, as
-    this suite's processes do, and the other core stays with the other test worker."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    this suite's processes do, and the other core stays with the other test worker.
+
+    MASTER_PORT stays reserved for as long as the ranks are referenced (see `reserve_port`)."""
+    port = reserve_port()
     core = max(os.sched_getaffinity(0))
     common = {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    return [Forked(fn, *args, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)}, core=core) for r in range(world)]
+              "MASTER_PORT": str(port.getsockname()[1]), "OMP_NUM_THREADS": "1"}
+    ranks = [Forked(fn, *args, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)}, core=core) for r in range(world)]
+    for rank in ranks:
+        rank.port = port  # closed when the last rank is dropped, long after rank 0's store has bound it
+    return ranks
+
+
+def reserve_port():
+    """A socket bound (not listening) to a free port with SO_REUSEADDR, for rank 0's TCPStore to listen on.
+    A port found free and closed again, as before, could be taken by anything binding port 0 before rank 0
+    bound it: another test worker's ranks, or another suite on the same machine. Bound, no bind(0) or
+    connect() is given it, and the store, which binds with SO_REUSEADDR too (libuv does), still may."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s

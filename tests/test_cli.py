@@ -65,6 +65,14 @@ def test_extract_bad_files(cfg_file, tmp_path):
     one_line_error(invoke("extract_features", "--config", str(tmp_path / "none.yaml")), "none.yaml")
 
 
+def test_a_zero_objective_is_refused_before_any_work(cfg_file, tmp_path):
+    result = invoke("train_decoders", "--config", cfg_file, "--set", "loss.pixel=0")
+    one_line_error(result, "loss.pixel, loss.feature and loss.adversarial are all 0")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    # a setting of training only: the other commands take the same config
+    assert invoke("extract_features", "--config", cfg_file, "--set", "loss.pixel=0", "--list-caches").exit_code == 0
+
+
 def test_pipeline_commands_and_their_errors(cfg_file, tmp_path):
     one_line_error(invoke("train_decoders", "--config", cfg_file), "extract_features.py")
     one_line_error(invoke("render", "--config", cfg_file), "extract_features.py")

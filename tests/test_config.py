@@ -34,6 +34,8 @@ def test_set_overrides_parse_yaml_scalars(tmp_path):
     ("layers=[]", "layers"),
     ("cache.dtype=int8", "cache.dtype"),
     ("train.epochs", "key=value"),
+    ("train.checkpoint_minutes=0", "train.checkpoint_minutes: invalid value 0"),
+    ("train.checkpoint_minutes=true", "train.checkpoint_minutes"),
     ("optimisation.layers={conv5: {lamda_tv: 10}}", "optimisation.layers.conv5.lamda_tv: unknown key"),
     ("optimisation.layers={conv5: {jitter: -1}}", "optimisation.layers.conv5.jitter: invalid value -1"),
     ("optimisation.layers={conv5: {iterations: true}}", "optimisation.layers.conv5.iterations"),

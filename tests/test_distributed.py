@@ -8,6 +8,7 @@ whose ranks run no Python."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import forked_ranks, make_cfg
+from conftest import forked_ranks, make_cfg, wait_at_batch
 from inversion import checkpoints, console, distributed, extraction, feature_cache, training
 
 
@@ -69,12 +70,11 @@ def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tm
     target = feature_cache.path_for(cfg)
     assert target.name == reference.name  # same settings, same cache name
 
-    ranks = forked_ranks(console.run(extraction.extract), cfg)  # killed as soon as a part is being written
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(target.parent.glob("*.part-*.h5.partial")):
-        time.sleep(0.02)
+    ranks = forked_ranks(_extract_until_killed, cfg, tmp_path)  # killed once each has written a batch of its part
+    for r, rank in enumerate(ranks):
+        rank.wait_for(tmp_path / f"wrote-{r}")
     [rank.kill() for rank in ranks]
-    assert not target.exists()
+    assert not target.exists() and len(list(target.parent.glob("*.part-*.h5.partial"))) == 2
 
     ranks = forked_ranks(console.run(extraction.extract), cfg)  # run again: resumes
     assert [rank.wait() for rank in ranks] == [0, 0], ranks[0].text()[-3000:] + ranks[1].text()[-3000:]
@@ -89,6 +89,19 @@ def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tm
     part = target.with_name(f"{target.name}.part-1-of-2.h5")
     part.rename(part.with_suffix(".moved"))
     assert feature_cache.read_attrs(target) is None
+
+
+def _extract_until_killed(cfg, folder):
+    """A rank that stops for good after its first written batch. Polling for a part file instead, a busy test
+    process could miss the parts being written altogether."""
+    write = feature_cache.Writer.write
+
+    def writing(self, *args):
+        write(self, *args)
+        (folder / f"wrote-{os.environ['RANK']}").touch()
+        time.sleep(600)
+    feature_cache.Writer.write = writing
+    extraction.extract(cfg)
 
 
 def _train_in_one_group(runs):
@@ -134,3 +147,34 @@ def test_two_process_training_matches_one_process_with_each_loss(built, trained_
     assert len(checkpoints.read_history(folder / "history.jsonl")) == 2
     assert "discriminator" in torch.load(folder / "last.pt", weights_only=True)
     assert "discriminator_optimizer" in torch.load(folder / "optimizer.pt", weights_only=True)
+
+
+def test_two_ranks_stopped_by_sigterm_mid_epoch_resume_to_the_uninterrupted_weights(built, tmp_path):
+    """torchrun's agent, stopped by a scheduler, sends SIGTERM to every rank (and waits its shutdown timeout):
+    the ranks agree on the step to stop at, rank 0 keeps it, and two ranks resuming it end where two ranks
+    never stopped do."""
+    cfg, _ = built
+    straight, stopped = (dict(cfg, **{"output.dir": str(tmp_path / name), "train.epochs": 2})
+                         for name in ("straight", "stopped"))
+
+    def rank_until_stopped():
+        wait_at_batch(5 + 2, tmp_path / f"reached-{os.environ['RANK']}")  # epoch 2, after its first step
+        console.run(training.train)(stopped, ["conv5"])
+    ranks = forked_ranks(rank_until_stopped)
+    for r, rank in enumerate(ranks):
+        rank.wait_for(tmp_path / f"reached-{r}")
+    for rank in ranks:
+        os.kill(rank.pid, signal.SIGTERM)
+    assert [rank.wait() for rank in ranks] == [143, 143], ranks[0].text()[-3000:] + ranks[1].text()[-3000:]
+    folder = tmp_path / "stopped/decoders/conv5"
+    assert f"conv5: kept epoch 2 up to step 1 of 5 ({folder / 'in-progress.pt'})" in ranks[0].text()
+    assert ranks[1].text().count("interrupted") == 0  # rank 0 speaks for the group
+    assert len(torch.load(folder / "in-progress.pt", weights_only=True)["ranks"]) == 2
+
+    ranks = forked_ranks(_train_in_one_group, [(straight, ["conv5"]), (stopped, ["conv5"])])
+    assert [rank.wait() for rank in ranks] == [0, 0], ranks[0].text()[-3000:] + ranks[1].text()[-3000:]
+    assert "conv5: continuing epoch 2 after step 1 of 5" in ranks[0].text()
+    a, b = (torch.load(tmp_path / name / "decoders/conv5/last.pt", weights_only=True) for name in ("straight", "stopped"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert not (folder / "in-progress.pt").exists()

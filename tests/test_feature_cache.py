@@ -110,17 +110,45 @@ def test_kill_9_during_extraction_leaves_no_complete_cache(tiny_zip, tmp_path):
 
     wrote = tmp_path / "wrote"
 
-    def slowly():
+    def stopped_after_a_batch():  # until the kill: sleeping 0.2 s a batch, it could finish first under load
         write = feature_cache.Writer.write
-        feature_cache.Writer.write = lambda *a: (write(*a), wrote.touch(), time.sleep(0.2))
+        feature_cache.Writer.write = lambda *a: (write(*a), wrote.touch(), time.sleep(600))
         extraction.extract(cfg)
-    child = Forked(slowly)
-    deadline = time.time() + 120
-    while time.time() < deadline and not wrote.exists():
-        time.sleep(0.02)
+    child = Forked(stopped_after_a_batch)
+    child.wait_for(wrote)
     child.kill()
     assert child.returncode == -signal.SIGKILL and not target.exists() and partial.exists()
     assert feature_cache.read_attrs(partial) is None
+
+
+def test_sigterm_during_extraction_keeps_the_written_batches_and_a_rerun_resumes(built, tiny_zip, tmp_path):
+    """A scheduler's SIGTERM: the batch in hand is written, the partial file kept, one line says so; the
+    re-run resumes after it and builds the same cache as one never stopped."""
+    _, reference = built
+    cfg = make_cfg(tmp_path, tiny_zip, "cache.dtype=float32")
+    target = feature_cache.path_for(cfg)
+    partial, wrote = target.with_name(target.name + ".partial"), tmp_path / "wrote"
+
+    def stopped_after_the_first_batch():
+        write = feature_cache.Writer.write
+
+        def writing(self, *args):
+            write(self, *args)
+            if not wrote.exists():
+                wrote.touch()
+                while not console.interrupt_requested():
+                    time.sleep(0.01)
+        feature_cache.Writer.write = writing
+        console.run(extraction.extract)(cfg)
+    child = Forked(stopped_after_the_first_batch)
+    child.wait_for(wrote)
+    os.kill(child.pid, signal.SIGTERM)
+    assert child.wait() == 143, child.text()[-3000:]
+    assert child.text().strip().splitlines()[-1] == (f"interrupted by SIGTERM: kept 5 of 24 images in {partial}; "
+                                                     f"re-run the same command to continue")
+    assert not target.exists() and feature_cache.read_attrs(partial) is None
+    assert extraction.extract(cfg) == target
+    assert_same_cache(target, reference)
 
 
 def test_corrupt_jpeg_is_one_error_and_leaves_no_file(tmp_path):

@@ -1,4 +1,7 @@
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -7,8 +10,8 @@ import torchvision
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_cfg
-from inversion import config, encoder, extraction, feature_cache, figures, optimisation, report
+from conftest import Forked, make_cfg
+from inversion import config, console, encoder, extraction, feature_cache, figures, optimisation, report
 from inversion.errors import UserError
 
 
@@ -195,6 +198,36 @@ def test_per_layer_settings_are_used_stored_traced_and_drawn(trained, tmp_path, 
     optimisation.run(dict(cfg, **{"optimisation.layers": {"fc8": {"iterations": 4}}}), ["conv5", "fc8"], num_images=2)
     assert [(layer, s["iterations"]) for layer, s in used] == [("conv5", 3), ("fc8", 4)]
     assert "recomputing every layer" in capsys.readouterr().err
+
+
+def test_sigterm_keeps_the_finished_layers_and_a_rerun_does_the_rest(trained, tmp_path, monkeypatch):
+    (tmp_path / "decoders").symlink_to(Path(trained["output.dir"]) / "decoders", target_is_directory=True)
+    cfg = dict(trained, **{"output.dir": str(tmp_path), "optimisation.iterations": 3, "optimisation.layers": {}})
+    started = tmp_path / "started"
+
+    def stopped_in_fc8():
+        invert = optimisation.invert
+
+        def inverting(taps, layer, *args, **kwargs):
+            if layer == "fc8":
+                started.touch()
+                while True:
+                    time.sleep(0.01)  # SIGTERM interrupts this
+            return invert(taps, layer, *args, **kwargs)
+        optimisation.invert = inverting
+        console.run(optimisation.run)(cfg, ["conv5", "fc8"], 2)
+    child = Forked(stopped_in_fc8)
+    child.wait_for(started)
+    os.kill(child.pid, signal.SIGTERM)
+    assert child.wait() == 143, child.text()[-3000:]
+    assert child.text().strip().splitlines()[-1] == (f"interrupted by SIGTERM: kept conv5 in {tmp_path / 'optimisation.json'}; "
+                                                     f"fc8's optimisation was dropped; re-run the same command to continue")
+    assert list(json.loads((tmp_path / "optimisation.json").read_text())["layers"]) == ["conv5"]
+    computed, real = [], optimisation._optimise_layer
+    monkeypatch.setattr(optimisation, "_optimise_layer", lambda cfg, m, a, layer, *rest: (
+        computed.append(layer), real(cfg, m, a, layer, *rest))[1])
+    assert list(optimisation.run(cfg, ["conv5", "fc8"], num_images=2)["layers"]) == ["conv5", "fc8"]
+    assert computed == ["fc8"]
 
 
 def test_command_line_errors_are_one_line(built, tmp_path):
