@@ -4,7 +4,8 @@ import json
 
 import typer
 
-from inversion import bench, console
+from benchmarks import steps as bench
+from inversion.core import console
 
 app = typer.Typer(add_completion=False)
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a small Tiny-ImageNet-shaped zip and a cache built from it by the real code."""
 
+import json
 import os
 
 # One compute thread per test process and per process a test starts (they inherit it), set before torch
@@ -18,7 +19,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import typer  # noqa: E402
 
-from inversion import config, console, synthetic  # noqa: E402 (torch-free: pytest-xdist's controller loads this file too)
+from inversion.core import config, console, synthetic  # noqa: E402 (torch-free: pytest-xdist's controller loads this file too)
 
 WNIDS = synthetic.wnids_for(5)
 TRAIN_PER_CLASS = 8
@@ -53,7 +54,7 @@ def make_cfg(tmp, data_path, *overrides):
 def built(tmp_path_factory, tiny_zip):
     """(config, cache path) of a cache built once from the tiny zip; tests must not modify it."""
     tmp = tmp_path_factory.mktemp("built")
-    from inversion import extraction
+    from inversion.extract import extraction
 
     cfg = make_cfg(tmp, tiny_zip, "cache.dtype=float32")
     return cfg, extraction.extract(cfg)
@@ -64,7 +65,7 @@ def trained_once(built, tmp_path_factory):
     """conv5 and fc8 decoders trained one epoch on the built cache, once for the whole suite."""
     cfg, _ = built
     cfg = dict(cfg, **{"output.dir": str(tmp_path_factory.mktemp("trained")), "train.epochs": 1})
-    from inversion import training
+    from inversion.train import training
 
     training.train(cfg, ["conv5", "fc8"])
     return cfg
@@ -151,11 +152,22 @@ class Forked:
         return self.wait()
 
 
+def read_history(path):
+    """A decoder's history.jsonl, one dict per epoch."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def pixel_size(inches):
+    """The (width, height) in pixels of a figure saved at `inches` (figures.DPI)."""
+    from inversion.core.figures import DPI
+    return int(round(inches[0] * DPI)), int(round(inches[1] * DPI))
+
+
 def wait_at_batch(n, reached, until=None):
     """For a forked child: its n-th training batch (counted over epochs from 1) touches `reached`, then waits
     until `until()` (default: until a Ctrl-C or SIGTERM has arrived), so the test sends its signal mid-epoch,
     at a step it chose. The batch is fetched after the step before it and before the checks between steps."""
-    from inversion import batching
+    from inversion.train import batching
 
     until = until or console.interrupt_requested
     real, count = batching.batches, [0]

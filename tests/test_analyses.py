@@ -4,7 +4,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inversion import analyses, checkpoints, feature_cache, figures, inference, report
+from inversion.core import checkpoints, feature_cache, figures, inference
+from inversion.render import analyses, report
+
+from conftest import pixel_size
 
 
 def test_top5_on_a_hand_made_vector():
@@ -84,14 +87,14 @@ def test_render_writes_the_analyses_without_the_dataset(trained, tmp_path):
     results = (out / "results.md").read_text()
     assert "| binarized | " in results and "random-init" in results
     assert len(metrics["analysis_claims"]) == 4 and all(s in results for s in metrics["analysis_claims"])
-    for name in (*analyses.NUMBERS, *analyses.PICTURES):
+    for name in (*analyses.NUMBERS, "interpolation", "random_features"):
         assert f"analysis_{name}.png" in metrics["figures"]
         with Image.open(out / f"analysis_{name}.png") as im:
             assert "random init" in im.info["Title"] and metrics["config_hash"] in im.info["Description"]
             assert np.asarray(im.convert("L")).std() > 5
     with Image.open(out / "analysis_binarized.png") as im:  # original | conv5 | conv5 binarized
         columns = {"original": 0, "conv5": 0, "conv5\nbinarized": 0}
-        assert im.size == figures.pixel_size(figures.image_table_inches(analyses.FIGURE_ROWS, columns))
+        assert im.size == pixel_size(figures.image_table_inches(analyses.FIGURE_ROWS, columns))
 
 
 def test_interpolation_endpoints_are_the_images_own_reconstructions(trained):

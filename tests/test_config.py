@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from inversion import config
-from inversion.errors import UserError
+from inversion.core import config
+from inversion.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_cache_name_depends_only_on_the_settings_that_shape_it():
-    from inversion import feature_cache
+    from inversion.core import feature_cache
 
     a = config.defaults()
     assert feature_cache.path_for(a) == feature_cache.path_for(dict(a))

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from conftest import GRAY_MEMBER, TRAIN_PER_CLASS, VAL_PER_CLASS, WNIDS, write_tiny_imagenet
-from inversion import data, synthetic
-from inversion.errors import UserError
+from inversion.core import data, synthetic
+from inversion.core.errors import UserError
 
 
 def split(path, seed=0, classes=3, eval_per_class=2, train_per_class=None):

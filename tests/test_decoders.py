@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from inversion import config, decoders, encoder
+from inversion.core import config, decoders, encoder_graph
+from inversion.core.layouts import ALEXNET_NODES
 
-SHAPES = encoder.feature_shapes("alexnet", 224, list(config.ALEXNET_NODES))
+SHAPES = encoder_graph.feature_shapes("alexnet", 224, list(ALEXNET_NODES))
 ODD_SHAPES = {"1x1 map": (2048, 1, 1), "2x2 map": (512, 2, 2), "224x224 map": (64, 224, 224),
               "7x7 map": (512, 7, 7), "vector 10": (10,), "vector 4096": (4096,)}
 
@@ -122,7 +123,7 @@ def test_a_map_larger_than_half_a_small_output_is_halved_first():
                                                  ((36, 16), "tokens", (16, 6, 6))])
 def test_other_layouts_are_standardised_per_channel_in_the_map_view(shape, layout, view):
     """The statistics training takes on `arrange`d features are the channels forward standardises."""
-    from inversion import training
+    from inversion.train import training
     torch.manual_seed(0)
     model = decoders.Decoder(shape, layout=layout)
     assert model.map_shape == view
@@ -171,7 +172,7 @@ def test_a_layout_is_kept_in_the_checkpoint_spec_only_where_it_is_not_the_old_de
 
 @pytest.mark.parametrize("shape, layout", [((6, 6, 32), "hwc"), ((37, 16), "cls_tokens"), ((192, 13, 13), "chw")])
 def test_load_decoder_rebuilds_the_layout_from_the_checkpoint_spec(tmp_path, shape, layout):
-    from inversion import checkpoints
+    from inversion.core import checkpoints
     model = decoders.Decoder(shape, layout=layout)
     model.input_mean.normal_()
     spec = {"layer": "x", "in_shape": list(shape), **decoders.spec(shape, layout), "width": 0.5, "out_size": 64}

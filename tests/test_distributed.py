@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import forked_ranks, make_cfg, wait_at_batch
-from inversion import checkpoints, console, distributed, extraction, feature_cache, training
+from conftest import forked_ranks, make_cfg, read_history, wait_at_batch
+from inversion.core import console, distributed, feature_cache
+from inversion.extract import extraction
+from inversion.train import training
+from inversion.extract import cache_writer
 
 
 
@@ -94,13 +97,13 @@ def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tm
 def _extract_until_killed(cfg, folder):
     """A rank that stops for good after its first written batch. Polling for a part file instead, a busy test
     process could miss the parts being written altogether."""
-    write = feature_cache.Writer.write
+    write = cache_writer.Writer.write
 
     def writing(self, *args):
         write(self, *args)
         (folder / f"wrote-{os.environ['RANK']}").touch()
         time.sleep(600)
-    feature_cache.Writer.write = writing
+    cache_writer.Writer.write = writing
     extraction.extract(cfg)
 
 
@@ -131,20 +134,20 @@ def test_two_process_training_matches_one_process_with_each_loss(built, trained_
     # fc8 gets 1e-3: in one process, summing the gradients of each batch's two halves (what DDP
     # computes) moves this tiny run's fc8 eval loss by 2.9e-4 relative too: Adam's first steps
     # amplify the reduction order. conv5 stays within the 1e-4 the two-process run promises.
-    single = {layer: checkpoints.read_history(Path(trained_once["output.dir"]) / "decoders" / layer / "history.jsonl")
+    single = {layer: read_history(Path(trained_once["output.dir"]) / "decoders" / layer / "history.jsonl")
               for layer in ("conv5", "fc8")}
     single_feature = training.train(dict(cfg, **{"output.dir": str(tmp_path / "one"), **feature}), ["conv5"])["conv5"]
     for run, layer, reference, tolerance in (("pixel", "conv5", single["conv5"], 1e-4), ("pixel", "fc8", single["fc8"], 1e-3),
                                              ("feature", "conv5", single_feature, 1e-4)):
         folder = tmp_path / run / "decoders" / layer
-        history = checkpoints.read_history(folder / "history.jsonl")
+        history = read_history(folder / "history.jsonl")
         assert len(history) == 1 and history[0]["samples"] == reference[0]["samples"]  # written once
         assert history[0]["eval_loss"] == pytest.approx(reference[0]["eval_loss"], rel=tolerance), (run, layer)
         assert history[0]["train_loss"] == pytest.approx(reference[0]["train_loss"], rel=tolerance), (run, layer)
         assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "history.jsonl", "last.pt", "optimizer.pt"]
 
     folder = tmp_path / "gan/decoders/conv5"
-    assert len(checkpoints.read_history(folder / "history.jsonl")) == 2
+    assert len(read_history(folder / "history.jsonl")) == 2
     assert "discriminator" in torch.load(folder / "last.pt", weights_only=True)
     assert "discriminator_optimizer" in torch.load(folder / "optimizer.pt", weights_only=True)
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torchvision
 
-from inversion import config, decoders, encoder
-from inversion.errors import UserError
+from inversion.core import decoders, encoder, encoder_graph
+from inversion.core.errors import UserError
+from inversion.core.layouts import ALEXNET_NODES, layout_text
 
 
 @pytest.fixture
@@ -102,12 +103,12 @@ def _alexnet_by_hand(model, x):
 def test_every_alexnet_layer_is_the_documented_node_from_one_forward():
     model, _ = encoder.load("alexnet", "random")
     x = torch.randn(2, 3, 224, 224)
-    out = encoder.extractor(model, "alexnet", list(config.ALEXNET_NODES))(x)
+    out = encoder_graph.extractor(model, "alexnet", list(ALEXNET_NODES))(x)
     expected = _alexnet_by_hand(model, x)
     assert list(out) == list(expected)
     for layer, value in expected.items():
         torch.testing.assert_close(out[layer], value, rtol=1e-5, atol=1e-5, msg=layer)
-    assert encoder.feature_shapes("alexnet", 224, list(out)) == {
+    assert encoder_graph.feature_shapes("alexnet", 224, list(out)) == {
         "conv1": (64, 27, 27), "conv2": (192, 13, 13), "conv3": (384, 13, 13), "conv4": (256, 13, 13),
         "conv5": (256, 6, 6), "fc6": (4096,), "fc7": (4096,), "fc8": (1000,)}
 
@@ -117,13 +118,13 @@ def test_any_torchvision_classifier_by_node_name():
     assert identity == {"arch": "resnet18", "kind": "random", "seed": 3}
     assert encoder.describe(identity).startswith("resnet18 random init, not ImageNet-pretrained")
     x = torch.randn(2, 3, 96, 96)
-    out = encoder.extractor(model, "resnet18", ["layer2", "fc"])(x)
+    out = encoder_graph.extractor(model, "resnet18", ["layer2", "fc"])(x)
     by_hand = model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))
     torch.testing.assert_close(out["layer2"], by_hand)
     torch.testing.assert_close(out["fc"], model(x))
-    assert encoder.feature_shapes("resnet18", 96, ["layer2", "fc"]) == {"layer2": (128, 12, 12), "fc": (1000,)}
-    assert encoder.network_order("resnet18", ["fc", "layer1.0.relu", "layer2"]) == ["layer1.0.relu", "layer2", "fc"]
-    nodes = {name: rest for name, *rest in encoder.list_nodes("resnet18", 64)}
+    assert encoder_graph.feature_shapes("resnet18", 96, ["layer2", "fc"]) == {"layer2": (128, 12, 12), "fc": (1000,)}
+    assert encoder_graph.network_order("resnet18", ["fc", "layer1.0.relu", "layer2"]) == ["layer1.0.relu", "layer2", "fc"]
+    nodes = {name: rest for name, *rest in encoder_graph.list_nodes("resnet18", 64)}
     assert nodes["layer4.1.relu_1"] == [(512, 2, 2), "chw", None] and nodes["fc"] == [(1000,), "vector", None]
     assert "x" not in nodes
 
@@ -135,15 +136,15 @@ def test_any_torchvision_classifier_by_node_name():
 ])
 def test_unknown_arch_or_node_names_the_nearest(arch, layers, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
-        encoder.feature_shapes(arch, 224, layers)
+        encoder_graph.feature_shapes(arch, 224, layers)
 
 
 def test_a_node_that_is_not_one_tensor_is_refused():
     # shufflenet's channel shuffle reads sizes off tensors: those nodes return ints and Sizes
-    nodes = {name: rest for name, *rest in encoder.list_nodes("shufflenet_v2_x0_5", 224)}
+    nodes = {name: rest for name, *rest in encoder_graph.list_nodes("shufflenet_v2_x0_5", 224)}
     assert nodes["stage2.0.size"] == [None, None, "Size, not one tensor"]
     with pytest.raises(UserError, match="'stage2.0.size' of shufflenet_v2_x0_5 outputs Size, not one tensor"):
-        encoder.feature_shapes("shufflenet_v2_x0_5", 224, ["stage2.0.size"])
+        encoder_graph.feature_shapes("shufflenet_v2_x0_5", 224, ["stage2.0.size"])
 
 
 def test_preprocess_is_the_documented_pipeline():
@@ -186,7 +187,7 @@ FAMILIES = [
 
 @pytest.mark.parametrize("arch, node, shape, layout, view", FAMILIES, ids=[f"{a}:{n}" for a, n, *_ in FAMILIES])
 def test_each_family_gets_a_decoder_that_reads_its_layout(arch, node, shape, layout, view):
-    assert encoder.feature_layouts(arch, 224, [node]) == {node: (shape, layout)}
+    assert encoder_graph.feature_layouts(arch, 224, [node]) == {node: (shape, layout)}
     with torch.device("meta"):  # the decoder's shapes are all that is checked: no memory, no compute
         model = decoders.Decoder(shape, layout=layout)
         out = model(torch.zeros(2, *shape))
@@ -204,19 +205,19 @@ def test_each_family_gets_a_decoder_that_reads_its_layout(arch, node, shape, lay
 ])
 def test_a_node_no_decoder_reads_is_refused_in_one_line(arch, node, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)) as e:
-        encoder.feature_shapes(arch, 224, [node])
+        encoder_graph.feature_shapes(arch, 224, [node])
     assert "\n" not in str(e.value) and f"layers: node {node!r} of {arch}" in str(e.value)
 
 
 def test_the_layout_is_read_off_the_dimensions_that_grow_with_the_input():
     """(C, H, W) and (H, W, C) with C == H == W, and a fixed-size arch's shapes, by their numbers."""
-    assert encoder._layout((14, 14, 14), (1, 2)) == ("chw", None)
-    assert encoder._layout((14, 14, 14), (0, 1)) == ("hwc", None)
-    assert encoder._layout((256, 6, 6), ()) == ("chw", None)  # fixed by an adaptive pool
-    assert encoder._layout((7, 7, 768), None) == ("hwc", None)
-    assert encoder._layout((50, 768), None) == ("cls_tokens", None)
-    assert encoder._layout((64, 768), (0,)) == ("tokens", None)
-    assert encoder._layout((768, 196), (1,))[0] is None
-    assert [encoder.layout_text(s, k) for s, k in [((8, 8, 3), "chw"), ((8, 8, 3), "hwc"), ((197, 768), "cls_tokens"),
+    assert encoder_graph._layout((14, 14, 14), (1, 2)) == ("chw", None)
+    assert encoder_graph._layout((14, 14, 14), (0, 1)) == ("hwc", None)
+    assert encoder_graph._layout((256, 6, 6), ()) == ("chw", None)  # fixed by an adaptive pool
+    assert encoder_graph._layout((7, 7, 768), None) == ("hwc", None)
+    assert encoder_graph._layout((50, 768), None) == ("cls_tokens", None)
+    assert encoder_graph._layout((64, 768), (0,)) == ("tokens", None)
+    assert encoder_graph._layout((768, 196), (1,))[0] is None
+    assert [layout_text(s, k) for s, k in [((8, 8, 3), "chw"), ((8, 8, 3), "hwc"), ((197, 768), "cls_tokens"),
                                                   ((49, 32), "tokens"), ((10,), "vector")]] == [
         "C x H x W", "H x W x C", "tokens 1+14x14 x 768", "tokens 7x7 x 32", "vector"]

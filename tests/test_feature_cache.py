@@ -20,8 +20,11 @@ import typer
 from PIL import Image
 
 from conftest import WNIDS, Forked, make_cfg, write_tiny_imagenet
-from inversion import console, data, encoder, extraction, feature_cache, storage
-from inversion.errors import UserError
+from inversion.core import console, data, encoder, encoder_graph, feature_cache, storage
+from inversion.extract import extraction
+from inversion.core.errors import UserError
+from inversion.extract import cache_writer
+from inversion.train import batching
 
 ROOT = Path(__file__).resolve().parent.parent
 Usage = namedtuple("Usage", "total used free")
@@ -32,7 +35,7 @@ def test_cache_holds_split_and_features_equal_a_direct_forward(built, tiny_zip):
     ds = data.TinyImageNet(tiny_zip)
     split = data.make_split(ds, cfg["seed"], 3, 2, 6)
     model, identity = encoder.load("alexnet", "random", cfg["seed"])
-    taps = encoder.extractor(model, "alexnet", cfg["layers"])
+    taps = encoder_graph.extractor(model, "alexnet", cfg["layers"])
     with feature_cache.open_for(cfg, cfg["layers"]) as cache:
         assert cache.attrs["class_wnids"] == split.wnids and cache.attrs["encoder"] == identity
         assert cache.attrs["config_hash"] in path.name and cache.attrs["complete"]
@@ -81,7 +84,7 @@ def test_interrupted_write_leaves_nothing_valid_and_resumes(built, tmp_path, mon
     cfg, reference = built
     cfg = dict(cfg, **{"cache.dir": str(tmp_path)})
     target = feature_cache.path_for(cfg)
-    real_write = feature_cache.Writer.write
+    real_write = cache_writer.Writer.write
     calls = []
 
     def write_then_die(self, *args):
@@ -90,13 +93,13 @@ def test_interrupted_write_leaves_nothing_valid_and_resumes(built, tmp_path, mon
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(feature_cache.Writer, "write", write_then_die)
+    monkeypatch.setattr(cache_writer.Writer, "write", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         extraction.extract(cfg)
     assert not target.exists() and feature_cache.read_attrs(target.with_name(target.name + ".partial")) is None
     with pytest.raises(UserError, match="no complete feature cache"):
         feature_cache.open_for(cfg)
-    monkeypatch.setattr(feature_cache.Writer, "write", real_write)
+    monkeypatch.setattr(cache_writer.Writer, "write", real_write)
     extraction.extract(cfg)
     with h5py.File(target) as a, h5py.File(reference) as b:
         for key in ("train/conv2", "train/fc8", "eval/conv5", "train/images"):
@@ -111,8 +114,8 @@ def test_kill_9_during_extraction_leaves_no_complete_cache(tiny_zip, tmp_path):
     wrote = tmp_path / "wrote"
 
     def stopped_after_a_batch():  # until the kill: sleeping 0.2 s a batch, it could finish first under load
-        write = feature_cache.Writer.write
-        feature_cache.Writer.write = lambda *a: (write(*a), wrote.touch(), time.sleep(600))
+        write = cache_writer.Writer.write
+        cache_writer.Writer.write = lambda *a: (write(*a), wrote.touch(), time.sleep(600))
         extraction.extract(cfg)
     child = Forked(stopped_after_a_batch)
     child.wait_for(wrote)
@@ -130,7 +133,7 @@ def test_sigterm_during_extraction_keeps_the_written_batches_and_a_rerun_resumes
     partial, wrote = target.with_name(target.name + ".partial"), tmp_path / "wrote"
 
     def stopped_after_the_first_batch():
-        write = feature_cache.Writer.write
+        write = cache_writer.Writer.write
 
         def writing(self, *args):
             write(self, *args)
@@ -138,7 +141,7 @@ def test_sigterm_during_extraction_keeps_the_written_batches_and_a_rerun_resumes
                 wrote.touch()
                 while not console.interrupt_requested():
                     time.sleep(0.01)
-        feature_cache.Writer.write = writing
+        cache_writer.Writer.write = writing
         console.run(extraction.extract)(cfg)
     child = Forked(stopped_after_the_first_batch)
     child.wait_for(wrote)
@@ -171,7 +174,7 @@ def test_stream_yields_every_sample_once_in_shuffled_order(tmp_path):
     with h5py.File(tmp_path / "s.h5", "w") as f:
         x = f.create_dataset("x", data=np.arange(103 * 2).reshape(103, 2), chunks=(10, 2))
         y = f.create_dataset("y", data=np.arange(103))
-        batches = list(feature_cache.stream(x, y, 8, 25, np.random.default_rng(0)))
+        batches = list(batching.stream(x, y, 8, 25, np.random.default_rng(0)))
         seen = np.concatenate([by for _, by in batches])
         assert sorted(seen) == list(range(103)) and list(seen) != list(range(103))
         assert all(len(by) == 8 for _, by in batches[:-1])
@@ -209,7 +212,7 @@ def test_tiny_imagenet_images_are_stored_exactly_as_decoded(built, tiny_zip):
 
 def test_expected_bytes_is_what_the_cache_holds(built):
     cfg, path = built
-    shapes = encoder.feature_shapes("alexnet", cfg["encoder.input_size"], cfg["layers"])
+    shapes = encoder_graph.feature_shapes("alexnet", cfg["encoder.input_size"], cfg["layers"])
     with h5py.File(path) as f:
         n = sum(len(f[s]["labels"]) for s in feature_cache.SPLITS)
         stored = sum(f[s][k].size * f[s][k].dtype.itemsize for s in feature_cache.SPLITS
@@ -231,8 +234,8 @@ def test_two_extractions_at_once_make_one_cache(built, tiny_zip, tmp_path):
     cfg = make_cfg(tmp_path, tiny_zip, "cache.dtype=float32")
 
     def slowly():
-        write = feature_cache.Writer.write
-        feature_cache.Writer.write = lambda *a: (write(*a), time.sleep(0.3))
+        write = cache_writer.Writer.write
+        cache_writer.Writer.write = lambda *a: (write(*a), time.sleep(0.3))
         console.run(extraction.extract)(cfg)
     children = [Forked(slowly) for _ in range(2)]
     results = [(child.pid, child.wait(), child.text()) for child in children]
@@ -400,7 +403,7 @@ def test_streamed_batches_are_the_same_from_a_compressed_cache(built, tmp_path):
     with h5py.File(compressed) as a, h5py.File(reference) as b:
         assert a["train/fc6"].chunks != b["train/fc6"].chunks
         for layer in ("conv2", "fc6"):
-            got, want = ([bx for bx, _ in feature_cache.stream(f["train"][layer], f["train/images"], 4, 8,
+            got, want = ([bx for bx, _ in batching.stream(f["train"][layer], f["train/images"], 4, 8,
                                                                np.random.default_rng(3))] for f in (a, b))
             assert len(got) == len(want) and all((g == w).all() for g, w in zip(got, want))
 
@@ -411,7 +414,7 @@ def test_compressed_writer_holds_rows_until_chunks_are_whole_and_resumes(built, 
     cfg = dict(cfg, **{"cache.dir": str(tmp_path), "cache.compression": "blosc2-zstd", "extract.batch_size": 4})
     target = feature_cache.path_for(cfg)
     partial = target.with_name(target.name + ".partial")
-    real_write, calls = feature_cache.Writer.write, []
+    real_write, calls = cache_writer.Writer.write, []
 
     def write_then_die(self, *args):
         real_write(self, *args)
@@ -419,7 +422,7 @@ def test_compressed_writer_holds_rows_until_chunks_are_whole_and_resumes(built, 
         if len(calls) == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(feature_cache.Writer, "write", write_then_die)
+    monkeypatch.setattr(cache_writer.Writer, "write", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         extraction.extract(cfg)
     assert calls == [0, 0, 0, 16, 18]  # 4, 8, 12 rows held; 16 = one chunk; 18 = the split's last rows
@@ -477,7 +480,7 @@ def test_free_space_estimate_bounds_what_a_compressed_cache_takes(built, tmp_pat
     attrs = {"cache_hash": "x"}
     for compression in ("lzf", "blosc2-zstd"):
         path = tmp_path / f"{compression}.h5"
-        writer = feature_cache.Writer(path, attrs, meta, shapes, "float16", 64, compression)
+        writer = cache_writer.Writer(path, attrs, meta, shapes, "float16", 64, compression)
         bound = writer._space({"train": (0, None), "eval": (0, None)})
         for name, n in (("train", 40), ("eval", 3)):
             for start in range(0, n, 6):
@@ -505,7 +508,7 @@ def test_reading_a_blosc2_cache_without_hdf5plugin_is_one_line_naming_it(built, 
 
 
 def test_training_streamed_from_a_compressed_cache_has_the_uncompressed_history(built, tmp_path):
-    from inversion import training
+    from inversion.train import training
 
     cfg, _ = built
     runs = {}
@@ -522,7 +525,7 @@ def test_training_streamed_from_a_compressed_cache_has_the_uncompressed_history(
 def test_list_caches_tells_them_apart_and_marks_this_configs(built, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from inversion import console
+    from inversion.core import console
 
     import extract_features
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from inversion import feature_cache, inference
-from inversion.errors import UserError
+from inversion.core import feature_cache, inference
+from inversion.core.errors import UserError
 
 
 def test_loaded_decoders_decode_in_the_configured_precision(trained):

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inversion import checkpoints, config, encoder, feature_cache, losses, training
-from inversion.errors import UserError
-from inversion.images import to_target
+from inversion.core import checkpoints, config, encoder, encoder_graph, feature_cache
+from inversion.train import losses, training
+from inversion.core.errors import UserError
+from inversion.core.images import to_target
 
 
 def cfg_in(built, tmp_path, **overrides):
@@ -54,7 +55,7 @@ def test_feature_term_is_the_mse_at_the_comparator_against_the_cached_features(b
     before = copy.deepcopy(model)
     loss = objective.step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, cached, 1.0)
     encoded, _ = encoder.load("alexnet", "random", 0)
-    taps = encoder.extractor(encoded, "alexnet", ["conv5"])
+    taps = encoder_graph.extractor(encoded, "alexnet", ["conv5"])
     expected = F.mse_loss(taps(encoder.preprocess_float(before(x), 224))["conv5"], cached)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # the cached targets are the encoder's features of the images: encoding them again agrees

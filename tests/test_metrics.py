@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from inversion import metrics
+from inversion.core import metrics
 
 
 def test_identical_images_are_perfect():

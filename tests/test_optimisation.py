@@ -10,9 +10,12 @@ import torchvision
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import Forked, make_cfg
-from inversion import config, console, encoder, extraction, feature_cache, figures, optimisation, report
-from inversion.errors import UserError
+from conftest import Forked, make_cfg, pixel_size
+from inversion.baseline import optimisation
+from inversion.core import config, console, encoder, encoder_graph, feature_cache, figures
+from inversion.extract import extraction
+from inversion.render import report
+from inversion.core.errors import UserError
 
 
 def _settings(cfg, **changes):
@@ -35,7 +38,7 @@ def test_regularisers_against_hand_computed_values():
 
 def test_objective_decreases_on_a_tiny_problem():
     model, _ = encoder.load("alexnet", "random", seed=0)
-    taps = encoder.extractor(model, "alexnet", ["conv2"]).eval()
+    taps = encoder_graph.extractor(model, "alexnet", ["conv2"]).eval()
     torch.manual_seed(1)
     with torch.no_grad():
         phi0 = taps(encoder.preprocess_float(torch.rand(2, 3, 16, 16), 64))["conv2"]
@@ -80,7 +83,7 @@ def test_features_move_toward_the_cached_target(built):
         phi0 = torch.from_numpy(cache["eval"]["conv5"][:3]).float()
         size = cache["eval"]["images"].shape[1]
         model = encoder.reload(cache.attrs["encoder"])
-    taps = encoder.extractor(model, "alexnet", ["conv5"]).eval()
+    taps = encoder_graph.extractor(model, "alexnet", ["conv5"]).eval()
     images, trace = optimisation.invert(taps, "conv5", phi0, size, _settings(cfg, iterations=25),
                                         cfg["encoder.input_size"], "alexnet", seed=0)
     distance = trace["feature_distance"]
@@ -139,7 +142,7 @@ def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained
             assert set(m) >= {"normalized_error", "mse", "psnr_db", "ssim", "seconds_per_image"}
             assert 0 <= m["mse"] < 1 and m["seconds_per_image"] > 0
     with Image.open(out / "optimisation_vs_decoder.png") as im:
-        assert im.size == figures.pixel_size(figures.comparison_inches(2, 5))
+        assert im.size == pixel_size(figures.comparison_inches(2, 5))
         assert "random init" in im.info["Title"] and saved["config_hash"] in im.info["Description"]
 
     computed.clear()
@@ -187,7 +190,7 @@ def test_per_layer_settings_are_used_stored_traced_and_drawn(trained, tmp_path, 
         assert entry["final_relative_drop"] == pytest.approx(optimisation.final_relative_drop(entry["objective"]),
                                                              rel=1e-4, abs=1e-6)
     with Image.open(tmp_path / "optimisation_objective.png") as im:
-        assert im.size == figures.pixel_size(figures.OBJECTIVE_INCHES)
+        assert im.size == pixel_size(figures.OBJECTIVE_INCHES)
         assert "random init" in im.info["Title"] and saved["config_hash"] in im.info["Description"]
 
     section = report._optimisation_section(tmp_path / "optimisation.json", saved["cache_hash"])

@@ -6,9 +6,11 @@ import yaml
 from PIL import Image, features
 from typer.testing import CliRunner
 
-from conftest import make_cfg
-from inversion import data, encoder, extraction, feature_cache, figures, own_images
-from inversion.errors import UserError
+from conftest import make_cfg, pixel_size
+from inversion.core import data, encoder, feature_cache, figures
+from inversion.extract import extraction
+from inversion.render import own_images
+from inversion.core.errors import UserError
 
 
 def test_to_square_rgb_crops_the_centre_of_the_shorter_side():
@@ -73,7 +75,7 @@ def test_reconstruct_any_picture_and_report_the_unreadable(trained, tmp_path):
     columns = {"original": 0, "conv5": 0, "fc8": 0}
     for stem in stems:
         with Image.open(out / f"{stem}.png") as im:
-            assert im.size == figures.pixel_size(figures.image_table_inches(1, columns))
+            assert im.size == pixel_size(figures.image_table_inches(1, columns))
             assert "random init" in im.info["Title"] and "source" in im.info["Description"]
             assert np.asarray(im.convert("L")).std() > 5
     with Image.open(out / "contact_sheet.png") as im:

@@ -7,9 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from inversion import feature_cache, figures, report
-from inversion.images import to_target
-from inversion.errors import UserError
+from inversion.core import feature_cache, figures
+from inversion.render import report
+from inversion.core.images import to_target
+from inversion.core.errors import UserError
+
+from conftest import pixel_size
 
 
 def test_render_from_cache_and_checkpoints_alone(trained, tmp_path, capsys):
@@ -35,10 +38,10 @@ def test_render_from_cache_and_checkpoints_alone(trained, tmp_path, capsys):
                                                  "reconstructions.png", "grid_conv5.png", "grid_fc8.png"}
 
     sizes = {
-        "loss_per_layer.png": figures.pixel_size(figures.loss_panels_inches(2)),
-        "loss_all_layers.png": figures.pixel_size(figures.LOSS_ALL_INCHES),
-        "reconstructions.png": figures.pixel_size(figures.comparison_inches(cfg["render.num_images"], 3)),
-        "grid_conv5.png": figures.pixel_size(figures.LAYER_GRID_INCHES),
+        "loss_per_layer.png": pixel_size(figures.loss_panels_inches(2)),
+        "loss_all_layers.png": pixel_size(figures.LOSS_ALL_INCHES),
+        "reconstructions.png": pixel_size(figures.comparison_inches(cfg["render.num_images"], 3)),
+        "grid_conv5.png": pixel_size(figures.LAYER_GRID_INCHES),
     }
     for name, size in sizes.items():
         with Image.open(out / name) as im:
@@ -98,7 +101,7 @@ def test_comparison_grid_caption(monkeypatch, tmp_path):
 
 
 def test_sharpness_metrics_and_a_second_run_side_by_side(trained, built, tmp_path):
-    from inversion import training
+    from inversion.train import training
 
     other = tmp_path / "other"
     training.train(dict(trained, **{"output.dir": str(other), "train.epochs": 1, "loss.feature": 0.05,
@@ -124,7 +127,7 @@ def test_sharpness_metrics_and_a_second_run_side_by_side(trained, built, tmp_pat
 
 def test_feature_error_skips_a_comparator_the_arch_does_not_have(trained, capsys):
     """The default comparator is AlexNet's conv5: another arch's render still scores its own layers."""
-    from inversion import comparison
+    from inversion.render import comparison
 
     cfg = dict(trained, **{"loss.comparator": "no_such_node"})
     with feature_cache.open_for(cfg) as cache:

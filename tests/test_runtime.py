@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from inversion import runtime
+from inversion.core import host, runtime
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
@@ -96,8 +96,8 @@ def test_fused_adam_steps_like_the_unfused_one_and_resumes_its_state():
 
 
 def test_freed_memory_is_kept_for_reuse_where_glibc_allows_it():
-    assert runtime.keep_freed_memory() in (True, False)
-    assert runtime.keep_freed_memory() is runtime.keep_freed_memory()  # once per process
+    assert host.keep_freed_memory() in (True, False)
+    assert host.keep_freed_memory() is host.keep_freed_memory()  # once per process
     x = torch.empty(64 << 20, dtype=torch.uint8)  # above glibc's default mmap threshold: still allocates
     x.fill_(1)
     assert int(x[-1]) == 1
@@ -105,5 +105,5 @@ def test_freed_memory_is_kept_for_reuse_where_glibc_allows_it():
 
 def test_the_device_line_names_the_cpu_model_and_the_precision():
     line = runtime.describe_device(CPU, "bf16")
-    assert line.startswith(f"cpu ({runtime.cpu_model()}, ") and line.endswith(", bf16")
+    assert line.startswith(f"cpu ({host.cpu_model()}, ") and line.endswith(", bf16")
     assert runtime.describe_device(CPU) == line[:-len(", bf16")]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from inversion import storage
-from inversion.errors import UserError
+from inversion.core import storage
+from inversion.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 Usage = namedtuple("Usage", "total used free")

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Forked, wait_at_batch
-from inversion import batching, checkpoints, console, feature_cache, runtime, training
-from inversion.errors import UserError
+from conftest import Forked, read_history, wait_at_batch
+from inversion.core import checkpoints, console, feature_cache, host
+from inversion.train import batching, training, schedules
+from inversion.core.errors import UserError
 
 
 def cfg_in(built, tmp_path, **overrides):
@@ -36,7 +37,7 @@ def test_training_lowers_the_eval_loss_and_writes_artifacts(built, tmp_path):
     assert len(history) == 6 and history[-1]["eval_loss"] < 0.7 * history[0]["eval_loss"]
     folder = tmp_path / "decoders" / "conv5"
     assert {p.name for p in folder.iterdir()} == {"last.pt", "best.pt", "optimizer.pt", "history.jsonl"}
-    assert checkpoints.read_history(folder / "history.jsonl") == history
+    assert read_history(folder / "history.jsonl") == history
     model, checkpoint = checkpoints.load_decoder(folder / "best.pt")
     assert checkpoint["cache_hash"] and checkpoint["decoder"]["layer"] == "conv5" and checkpoint["versions"]
     with h5py.File(built[1], "r") as f:  # the tiny split is under 2,048 samples: the statistics use them all
@@ -145,7 +146,7 @@ def test_training_needs_neither_encoder_weights_nor_the_dataset(built, tmp_path)
     cfg = cfg_in(built, tmp_path, **{"data.path": str(tmp_path / "nowhere.zip"), "train.epochs": 1})
     code = ("import sys, json; from inversion import training; "
             "training.train(json.loads(sys.argv[1]), ['conv5']); "
-            "bad = [m for m in ('inversion.data', 'inversion.encoder', 'torchvision', 'PIL') if m in sys.modules]; "
+            "bad = [m for m in ('inversion.core.data', 'inversion.core.encoder', 'torchvision', 'PIL') if m in sys.modules]; "
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
                             env={"TORCH_HOME": str(tmp_path / "no_torch_home"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
@@ -231,7 +232,7 @@ def as_previous_format(folder):
 
 
 def test_checkpoints_in_the_previous_format_resume_and_render(built, tmp_path):
-    from inversion import report
+    from inversion.render import report
 
     straight = train(cfg_in(built, tmp_path / "straight"))
     cfg = cfg_in(built, tmp_path / "old", **{"train.epochs": 1})
@@ -276,7 +277,7 @@ def test_auto_epochs_follow_the_device_and_are_printed(built, tmp_path, capsys):
 def lrs_of(cfg, total, steps, done=0):
     """The learning rate of each of `steps` optimiser steps of a `total`-step schedule, from step `done`."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg["train.lr"])
-    schedule = training.lr_schedule(optimizer, cfg, total, done)
+    schedule = schedules.lr_schedule(optimizer, cfg, total, done)
     lrs = []
     for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -320,11 +321,11 @@ def test_in_memory_auto_follows_memavailable_not_memfree(built, tmp_path, monkey
     """A full page cache shrinks MemFree but not MemAvailable; when auto followed MemFree, one of two
     default runs streamed conv2 (another batch order) and the histories differed."""
     meminfo = dict(line.split(":") for line in open("/proc/meminfo").read().splitlines())
-    assert runtime.available_ram() == int(meminfo["MemAvailable"].split()[0]) * 1024
+    assert host.available_ram() == int(meminfo["MemAvailable"].split()[0]) * 1024
     with feature_cache.open_for(built[0], ["conv5"]) as cache:
         nbytes = cache["train"]["conv5"].nbytes + cache["train"]["images"].nbytes
         for ram, streamed in ((2 * nbytes - 1, True), (2 * nbytes + 1, False)):
-            monkeypatch.setattr(runtime, "available_ram", lambda: ram)
+            monkeypatch.setattr(host, "available_ram", lambda: ram)
             x, _ = batching.inputs(cache, "train", "conv5", "auto", torch.device("cpu"))
             assert isinstance(x, h5py.Dataset) == streamed
 
@@ -333,7 +334,7 @@ def test_the_perceptual_path_with_pixel_loss_alone_is_the_plain_loop(built, tmp_
     """Drawing batches as row indices (so cached comparator features can ride along) keeps the order and
     the numbers of the plain loop: only the extra terms change what is learnt."""
     plain = train(cfg_in(built, tmp_path / "plain"))
-    from inversion import losses
+    from inversion.train import losses
     monkeypatch.setattr(losses, "active", lambda cfg: True)
     routed = train(cfg_in(built, tmp_path / "routed"))
     assert losses_of(routed) == losses_of(plain)
@@ -404,7 +405,7 @@ def test_a_signal_mid_epoch_keeps_the_steps_and_the_resumed_run_equals_the_unint
     assert child.text().strip().splitlines()[-1] == (f"interrupted by {how}: conv5: kept epoch 2 up to step 3 of 5 "
                                                      f"({folder / 'in-progress.pt'}); re-run the same command to continue")
     # Part of an epoch is no epoch: not in the history, not in best.pt (what render.py reads)
-    assert len(checkpoints.read_history(folder / "history.jsonl")) == 1
+    assert len(read_history(folder / "history.jsonl")) == 1
     assert len(checkpoints.load_decoder(folder / "best.pt")[1]["history"]) == 1
     resumed = train(cfg)
     assert [h["lr"] for h in resumed] == [h["lr"] for h in straight] and straight[0]["lr"] < straight[1]["lr"]
@@ -432,7 +433,7 @@ def test_checkpoint_minutes_keeps_the_steps_through_a_kill_9_and_the_resume_is_e
     child.kill()  # kill -9: nothing orderly happens
     state = torch.load(folder / "in-progress.pt", weights_only=True)
     assert (state["completed"], state["epoch"], state["step"]) == (1, 2, 2)
-    assert len(checkpoints.read_history(folder / "history.jsonl")) == 1
+    assert len(read_history(folder / "history.jsonl")) == 1
 
     guard = {key: state[key] for key in ("cache_hash", "holdout", "decoder")}
     assert checkpoints.load_in_progress(folder, guard, 1, state["order"])["step"] == 2

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from inversion import checkpoints, training, training_log
+from inversion.core import checkpoints
+from inversion.train import training, training_log
 
 SIZE_GUIDANCE = {"scalars": 0, "images": 0, "tensors": 0}  # 0: keep every event
 

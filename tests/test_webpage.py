@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inversion import report, webpage
+from inversion.render import report, webpage
 
 
 class Page(HTMLParser):
