@@ -8,8 +8,8 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from inversion.core import config, console, encoder, encoder_graph, feature_cache, storage
-from inversion.extract import extraction
 from inversion.core.layouts import ALEXNET_NODES, layout_text
+from inversion.extract import extraction
 
 app = typer.Typer(add_completion=False)
 

@@ -6,8 +6,8 @@ import typer
 from rich.table import Table
 
 from inversion.core import config, console, decoders
-from inversion.train import training
 from inversion.core.layouts import default_layout, layout_text
+from inversion.train import training
 
 app = typer.Typer(add_completion=False)
 
@@ -28,7 +28,7 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
 
 def print_tables(cfg, layers):
     """The architecture tables, read off the modules themselves (docs/decoders-and-training.md quotes this output)."""
-    from inversion.core import encoder_graph  # here only: training itself needs no torchvision (2 s less at every start)
+    from inversion.core import encoder_graph  # here only: training needs no torchvision (2 s less at every start)
 
     found = encoder_graph.feature_layouts(cfg["encoder.arch"], cfg["encoder.input_size"], layers)
     for layer in layers:

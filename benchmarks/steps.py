@@ -23,12 +23,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from inversion.core import config, data, encoder, encoder_graph, feature_cache, host, runtime, synthetic
-from inversion.extract import extraction
-from inversion.train import batching
 from inversion.core.console import console
 from inversion.core.decoders import FC_WIDTH, LEAK, Decoder
 from inversion.core.images import to_target
-from inversion.extract import cache_writer
+from inversion.extract import cache_writer, extraction
+from inversion.train import batching
 
 ORIGINAL_SIZE = {"conv2": 416, "fc6": 128}
 

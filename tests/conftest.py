@@ -25,6 +25,7 @@ WNIDS = synthetic.wnids_for(5)
 TRAIN_PER_CLASS = 8
 VAL_PER_CLASS = 3
 GRAY_MEMBER = f"train/{WNIDS[0]}/images/{WNIDS[0]}_0.JPEG"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 
 def write_tiny_imagenet(path, corrupt=None, with_wnids=True):
@@ -150,6 +151,33 @@ class Forked:
         if self.returncode is None:  # once reaped, its pid may be another process's
             os.kill(self.pid, signal.SIGKILL)
         return self.wait()
+
+
+def cfg_in(built, tmp_path, **overrides):
+    """The built cache's config with outputs in `tmp_path`: a training of its own on the shared cache."""
+    cfg, _ = built
+    return dict(cfg, **{"output.dir": str(tmp_path), **overrides})
+
+
+def train(cfg, fresh=False):
+    """conv5's history after training it alone (the quickest decoder of the four)."""
+    from inversion.train import training
+    return training.train(cfg, ["conv5"], fresh=fresh)["conv5"]
+
+
+def epoch_losses(history):
+    return [(h["epoch"], h["train_loss"], h["eval_loss"]) for h in history]
+
+
+def assert_same_cache(a, b):
+    """The two caches hold the same datasets with the same values."""
+    import h5py
+    import numpy as np
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        for split in ("train", "eval"):
+            assert set(fa[split]) == set(fb[split])
+            for name in fa[split]:
+                np.testing.assert_array_equal(fa[split][name][()], fb[split][name][()], err_msg=f"{split}/{name}")
 
 
 def read_history(path):

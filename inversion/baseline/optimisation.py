@@ -39,15 +39,12 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from inversion.core import config, encoder, encoder_graph, feature_cache, figures, inference, metrics, runtime, storage
-
-from inversion.core import seeds
-
-from inversion.core import host
-from inversion.core.optimisation_results import RESULTS, budget, iterations_text, per_layer
-from inversion.core.images import to_hwc, to_target
+from inversion.core import (config, encoder, encoder_graph, feature_cache, figures, host, inference, metrics, runtime,
+                            seeds, storage)
 from inversion.core.console import Interrupted, Timer, console, progress, summary, warn
 from inversion.core.errors import UserError
+from inversion.core.images import to_hwc, to_target
+from inversion.core.optimisation_results import RESULTS, budget, iterations_text, per_layer
 
 FIGURE = "optimisation_vs_decoder"
 OBJECTIVE_FIGURE = "optimisation_objective"

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from inversion.core import storage
+from inversion.core import decoders, storage
 from inversion.core.console import warn
-from inversion.core import decoders
 from inversion.core.decoders import FC_WIDTH, OUT_SIZE, Decoder
 from inversion.core.errors import UserError
 from inversion.core.layouts import default_layout, map_shape

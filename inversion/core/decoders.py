@@ -31,7 +31,6 @@ from torch import nn
 
 from inversion.core.layouts import TOKENS, default_layout, map_shape
 
-
 OUT_SIZE = 64
 LEAK = 0.2
 FC_WIDTH = 4096              # the paper's; decoder.fc_width (tests build tiny fc decoders with it)

@@ -21,7 +21,6 @@ from torch import nn
 
 from inversion.core.errors import UserError
 
-
 PREPROCESS_VERSION = 1  # bump when preprocessing changes: it is part of every cache's hash
 
 

@@ -33,7 +33,6 @@ except ImportError:
 from inversion.core import config, storage
 from inversion.core.errors import UserError
 
-
 FORMAT_VERSION = 1
 SPLITS = ("train", "eval")
 ATTRS = ("format_version", "config_hash", "cache_hash", "config", "sources", "encoder",

@@ -8,11 +8,11 @@ import torch
 from rich.table import Table
 
 from inversion.core import data, distributed, encoder, encoder_graph, feature_cache, host, runtime, storage
-from inversion.core.errors import UserError
 from inversion.core.console import (Interrupted, Timer, console, deferred_interrupts, interrupt_requested, progress,
                                     rate_text, summary, warn)
-from inversion.extract import cache_writer
+from inversion.core.errors import UserError
 from inversion.core.layouts import default_layout
+from inversion.extract import cache_writer
 
 
 def extract(cfg):

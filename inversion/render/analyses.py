@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from inversion.core import figures, inference, metrics, seeds
-from inversion.core.images import to_hwc
 from inversion.core.console import Timer, progress, summary
+from inversion.core.images import to_hwc
 
 TOP_K = 5
 STEPS = 8               # interpolation: images from one endpoint to the other, both included

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from inversion.core import data, encoder, encoder_graph, feature_cache, figures, host, inference, runtime
-from inversion.core.images import to_uint8
 from inversion.core.console import Timer, progress, rate_text, summary, warn
 from inversion.core.errors import UserError
+from inversion.core.images import to_uint8
 
 BATCH = 16
 CONTACT_SHEET = "contact_sheet"

@@ -9,9 +9,9 @@ from rich.table import Table
 
 from inversion.core import (config, encoder, feature_cache, figures, host, inference, metrics, optimisation_results,
                             runtime, storage)
-from inversion.render import analyses, comparison, webpage
-from inversion.core.images import to_hwc, to_target, to_uint8
 from inversion.core.console import Timer, console, summary, warn
+from inversion.core.images import to_hwc, to_target, to_uint8
+from inversion.render import analyses, comparison, webpage
 
 
 def render(cfg, layers=None, num_images=None):

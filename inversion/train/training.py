@@ -23,12 +23,12 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
 from inversion.core import checkpoints, config, distributed, feature_cache, host, runtime, seeds, storage
-from inversion.train import batching, in_progress, losses, schedules, training_log
 from inversion.core.console import (Interrupted, Timer, console, deferred_interrupts, interrupt_requested, progress,
                                     rate_text, summary)
 from inversion.core.errors import UserError
 from inversion.core.images import to_target
 from inversion.core.layouts import default_layout
+from inversion.train import batching, in_progress, losses, schedules, training_log
 
 # train.epochs: auto. On the CPU, 3 epochs of the default schedule keep the default run near half an hour on
 # 2 cores (docs/performance.md). On CUDA a conv2 epoch of the default split is ~310 steps of a decoder that a

@@ -5,6 +5,8 @@ from inversion.core import config, decoders, encoder_graph
 from inversion.core.layouts import ALEXNET_NODES
 
 SHAPES = encoder_graph.feature_shapes("alexnet", 224, list(ALEXNET_NODES))
+
+
 ODD_SHAPES = {"1x1 map": (2048, 1, 1), "2x2 map": (512, 2, 2), "224x224 map": (64, 224, 224),
               "7x7 map": (512, 7, 7), "vector 10": (10,), "vector 4096": (4096,)}
 
@@ -97,6 +99,8 @@ def test_larger_outputs_add_up_convolutions(out_size, uconvs):
     assert sum(r[0].startswith("uconv") for r in decoders.describe(model)) == uconvs
     with pytest.raises(ValueError, match="power of two"):
         decoders.Decoder(SHAPES["fc6"], out_size=100)
+
+
 @pytest.mark.parametrize("out_size", [32, 128, 256])
 @pytest.mark.parametrize("layer", ["conv2", "fc8"])
 def test_any_power_of_two_output_adds_or_drops_up_convolutions(layer, out_size):
@@ -159,24 +163,3 @@ def test_the_class_token_reaches_the_image_and_the_grid_is_read_in_place():
     assert torch.equal(tokens.to_map(x)[0, :, 1, 1], torch.arange(16.0))
     hwc = decoders.Decoder((6, 6, 16), layout="hwc")
     assert torch.equal(hwc.to_map(x.view(1, 6, 6, 16))[0, :, 1, 1], torch.arange(16.0))
-
-
-def test_a_layout_is_kept_in_the_checkpoint_spec_only_where_it_is_not_the_old_default():
-    assert decoders.spec((192, 13, 13), "chw") == {} and decoders.spec((1000,), "vector") == {}
-    assert decoders.spec((14, 14, 384), "hwc") == {"layout": "hwc"}
-    with pytest.raises(ValueError, match="cannot be in layout"):
-        decoders.Decoder((197, 768), layout="chw")
-    with pytest.raises(ValueError, match="not 1 \\+ a square grid"):
-        decoders.Decoder((198, 768), layout="cls_tokens")
-
-
-@pytest.mark.parametrize("shape, layout", [((6, 6, 32), "hwc"), ((37, 16), "cls_tokens"), ((192, 13, 13), "chw")])
-def test_load_decoder_rebuilds_the_layout_from_the_checkpoint_spec(tmp_path, shape, layout):
-    from inversion.core import checkpoints
-    model = decoders.Decoder(shape, layout=layout)
-    model.input_mean.normal_()
-    spec = {"layer": "x", "in_shape": list(shape), **decoders.spec(shape, layout), "width": 0.5, "out_size": 64}
-    torch.save({"model": model.state_dict(), "optimizer": {}, "history": [], "decoder": spec}, tmp_path / "last.pt")
-    loaded, _ = checkpoints.load_decoder(tmp_path / "last.pt")
-    x = torch.randn(2, *shape)
-    assert loaded.layout == layout and torch.equal(loaded(x), model.eval()(x))

@@ -8,9 +8,27 @@ from typer.testing import CliRunner
 
 from conftest import make_cfg, pixel_size
 from inversion.core import data, encoder, feature_cache, figures
+from inversion.core.errors import UserError
 from inversion.extract import extraction
 from inversion.render import own_images
-from inversion.core.errors import UserError
+
+
+def _pictures(folder):
+    """Five readable pictures of different formats and one corrupt file; returns the readable stems."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    photo = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    photo(80, 80).save(folder / "photo.jpg")
+    rgba = photo(70, 50).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "alpha.png")
+    photo(64, 64).convert("L").save(folder / "gray.jpeg")
+    photo(90, 90).convert("CMYK").save(folder / "cmyk.jpg")
+    (folder / "sub").mkdir()
+    photo(40, 120).save(folder / "sub" / ("wide.webp" if features.check("webp") else "wide.png"))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    (folder / "notes.txt").write_text("not an image: ignored in a folder")
+    return {"photo", "alpha", "gray", "cmyk", "wide"}
 
 
 def test_to_square_rgb_crops_the_centre_of_the_shorter_side():
@@ -37,24 +55,6 @@ def test_to_square_rgb_converts_every_mode():
     palette.putpixel((0, 0), 0)
     out = data.to_square_rgb(palette, 8)
     assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [10, 200, 30]
-
-
-def _pictures(folder):
-    """Five readable pictures of different formats and one corrupt file; returns the readable stems."""
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    photo = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    photo(80, 80).save(folder / "photo.jpg")
-    rgba = photo(70, 50).convert("RGBA")
-    rgba.putalpha(128)
-    rgba.save(folder / "alpha.png")
-    photo(64, 64).convert("L").save(folder / "gray.jpeg")
-    photo(90, 90).convert("CMYK").save(folder / "cmyk.jpg")
-    (folder / "sub").mkdir()
-    photo(40, 120).save(folder / "sub" / ("wide.webp" if features.check("webp") else "wide.png"))
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
-    (folder / "notes.txt").write_text("not an image: ignored in a folder")
-    return {"photo", "alpha", "gray", "cmyk", "wide"}
 
 
 def test_reconstruct_any_picture_and_report_the_unreadable(trained, tmp_path):

@@ -6,15 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import cfg_in
 from inversion.core import checkpoints, config, encoder, encoder_graph, feature_cache
-from inversion.train import losses, training
 from inversion.core.errors import UserError
 from inversion.core.images import to_target
-
-
-def cfg_in(built, tmp_path, **overrides):
-    cfg, _ = built
-    return dict(cfg, **{"output.dir": str(tmp_path), **overrides})
+from inversion.train import losses, training
 
 
 def one_batch(cache, n=4):

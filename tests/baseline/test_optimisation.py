@@ -13,13 +13,18 @@ from typer.testing import CliRunner
 from conftest import Forked, make_cfg, pixel_size
 from inversion.baseline import optimisation
 from inversion.core import config, console, encoder, encoder_graph, feature_cache, figures
+from inversion.core.errors import UserError
 from inversion.extract import extraction
 from inversion.render import report
-from inversion.core.errors import UserError
 
 
 def _settings(cfg, **changes):
     return {**optimisation.settings(cfg), **changes}
+
+
+@pytest.fixture(scope="module")
+def trained(trained):
+    return dict(trained, **{"optimisation.iterations": 3, "optimisation.layers": {}})  # no per-layer 800 for conv5 and fc6
 
 
 def test_regularisers_against_hand_computed_values():
@@ -108,11 +113,6 @@ def test_an_encoder_that_cannot_be_had_again_is_refused(tiny_zip, tmp_path):
     torch.save(torchvision.models.squeezenet1_1().state_dict(), weights)  # the file changed since the cache was built
     with pytest.raises(UserError, match="encoder that built the cache"):
         optimisation.run(cfg, num_images=1)
-
-
-@pytest.fixture(scope="module")
-def trained(trained):
-    return dict(trained, **{"optimisation.iterations": 3, "optimisation.layers": {}})  # no per-layer 800 for conv5 and fc6
 
 
 def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained, monkeypatch, capsys):

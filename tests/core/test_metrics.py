@@ -7,6 +7,12 @@ import torch
 from inversion.core import metrics
 
 
+def blurred(x):
+    """A 5x5 box blur (reflect-padded): the same image with its fine detail gone."""
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    return torch.nn.functional.avg_pool2d(padded, 5, stride=1)
+
+
 def test_identical_images_are_perfect():
     x = torch.rand(3, 3, 64, 64)
     assert torch.equal(metrics.mse(x, x), torch.zeros(3))
@@ -36,12 +42,6 @@ def test_normalised_error_and_pair_distance():
     shuffled = y[torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])]
     exact = (y - shuffled).flatten(1).norm(dim=1).mean().item()
     assert metrics.summarize(y, shuffled, exact)["normalized_error"] == pytest.approx(1)
-
-
-def blurred(x):
-    """A 5x5 box blur (reflect-padded): the same image with its fine detail gone."""
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
-    return torch.nn.functional.avg_pool2d(padded, 5, stride=1)
 
 
 def test_high_frequency_ratio_is_one_for_the_originals_and_low_for_blurred_ones():

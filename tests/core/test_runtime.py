@@ -1,4 +1,4 @@
-"""Where code runs and in what precision: `precision: auto`'s choice, the fused optimiser, freed memory."""
+"""Where and how networks compute: `precision: auto`'s choice, bf16 autocast, the fused optimiser."""
 
 import copy
 
@@ -16,6 +16,17 @@ def native(monkeypatch):
     def set_native(value):
         monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: value)
     return set_native
+
+
+def steps(optimizer_factory, model, batches, state=None):
+    optimizer = optimizer_factory(model.parameters())
+    if state:
+        optimizer.load_state_dict(state)
+    for x in batches:
+        optimizer.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+    return model, optimizer
 
 
 def test_auto_is_bf16_on_cuda_and_on_a_cpu_with_native_bf16_else_fp32(native):
@@ -66,17 +77,6 @@ def test_autocast_computes_in_bf16_only_when_asked():
     assert layer.weight.dtype == torch.float32  # autocast only: the weights stay fp32
 
 
-def steps(optimizer_factory, model, batches, state=None):
-    optimizer = optimizer_factory(model.parameters())
-    if state:
-        optimizer.load_state_dict(state)
-    for x in batches:
-        optimizer.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
-        optimizer.step()
-    return model, optimizer
-
-
 def test_fused_adam_steps_like_the_unfused_one_and_resumes_its_state():
     torch.manual_seed(0)
     start = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LeakyReLU(0.2), torch.nn.Linear(32, 4))
@@ -93,14 +93,6 @@ def test_fused_adam_steps_like_the_unfused_one_and_resumes_its_state():
     resumed, _ = steps(fused, half, batches[3:], copy.deepcopy(old.state_dict()))
     for p, q in zip(resumed.parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
-
-
-def test_freed_memory_is_kept_for_reuse_where_glibc_allows_it():
-    assert host.keep_freed_memory() in (True, False)
-    assert host.keep_freed_memory() is host.keep_freed_memory()  # once per process
-    x = torch.empty(64 << 20, dtype=torch.uint8)  # above glibc's default mmap threshold: still allocates
-    x.fill_(1)
-    assert int(x[-1]) == 1
 
 
 def test_the_device_line_names_the_cpu_model_and_the_precision():

@@ -3,15 +3,32 @@ import os
 import subprocess
 import sys
 from collections import namedtuple
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from inversion.core import storage
 from inversion.core.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
 Usage = namedtuple("Usage", "total used free")
+
+
+def _contend(path, go, out, release):
+    """A forked contender: waits for `go`, then takes the lock (reporting its pid and holding it until
+    `release`) or is refused (reporting the pid the refusal names)."""
+    code = 0
+    try:
+        os.read(go, 1)
+        try:
+            with storage.lock(path, "x"):
+                os.write(out, f"held {os.getpid()}\n".encode())
+                os.read(release, 1)
+        except UserError as e:
+            os.write(out, f"refused {str(e).split('(pid ')[1].split(')')[0]}\n".encode())
+    except BaseException:  # noqa: BLE001
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def test_replacing_writes_whole_files_and_a_failed_write_keeps_the_old_one(tmp_path):
@@ -65,24 +82,6 @@ def test_lock_refuses_a_second_writer_naming_its_pid(tmp_path):
             with storage.lock(path, "the folder"):
                 pass
     assert not path.exists()
-
-
-def _contend(path, go, out, release):
-    """A forked contender: waits for `go`, then takes the lock (reporting its pid and holding it until
-    `release`) or is refused (reporting the pid the refusal names)."""
-    code = 0
-    try:
-        os.read(go, 1)
-        try:
-            with storage.lock(path, "x"):
-                os.write(out, f"held {os.getpid()}\n".encode())
-                os.read(release, 1)
-        except UserError as e:
-            os.write(out, f"refused {str(e).split('(pid ')[1].split(')')[0]}\n".encode())
-    except BaseException:  # noqa: BLE001
-        code = 1
-    finally:
-        os._exit(code)
 
 
 def test_two_processes_at_a_fresh_lock_at_once_the_refused_one_names_the_holder(tmp_path):

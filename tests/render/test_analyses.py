@@ -4,10 +4,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conftest import pixel_size
 from inversion.core import checkpoints, feature_cache, figures, inference
 from inversion.render import analyses, report
-
-from conftest import pixel_size
 
 
 def test_top5_on_a_hand_made_vector():

@@ -15,16 +15,34 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import torch
 
-from conftest import forked_ranks, make_cfg, read_history, wait_at_batch
+from conftest import assert_same_cache, forked_ranks, make_cfg, read_history, wait_at_batch
 from inversion.core import console, distributed, feature_cache
-from inversion.extract import extraction
+from inversion.extract import cache_writer, extraction
 from inversion.train import training
-from inversion.extract import cache_writer
 
+
+def _extract_until_killed(cfg, folder):
+    """A rank that stops for good after its first written batch. Polling for a part file instead, a busy test
+    process could miss the parts being written altogether."""
+    write = cache_writer.Writer.write
+
+    def writing(self, *args):
+        write(self, *args)
+        (folder / f"wrote-{os.environ['RANK']}").touch()
+        time.sleep(600)
+    cache_writer.Writer.write = writing
+    extraction.extract(cfg)
+
+
+def _train_in_one_group(runs):
+    """Every ([config, layers]) of `runs` in one process group, taken down after the last."""
+    teardown, distributed.teardown = distributed.teardown, lambda: None
+    for cfg, layers in runs:
+        training.train(cfg, layers)
+    teardown()
 
 
 def test_forked_ranks_get_the_environment_torchrun_gives(tmp_path):
@@ -46,16 +64,6 @@ def test_forked_ranks_get_the_environment_torchrun_gives(tmp_path):
             assert launched[r][key] == forked[r][key], key
         assert {"MASTER_ADDR", "MASTER_PORT"} <= set(launched[r]) & set(forked[r])
     assert launched[0]["RANK"] == "0" and launched[1]["RANK"] == "1" and launched[0]["WORLD_SIZE"] == "2"
-
-
-def assert_same_cache(a, b):
-    with h5py.File(a) as fa, h5py.File(b) as fb:
-        for split in ("train", "eval"):
-            assert set(fa[split]) == set(fb[split])
-            for name in fa[split]:
-                np.testing.assert_array_equal(fa[split][name][()], fb[split][name][()], err_msg=f"{split}/{name}")
-        for key in ("cache_hash", "config", "layers", "encoder", "class_wnids"):
-            assert fa.attrs[key] == fb.attrs[key]
 
 
 def test_share_splits_a_range_contiguously():
@@ -83,6 +91,9 @@ def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tm
     assert [rank.wait() for rank in ranks] == [0, 0], ranks[0].text()[-3000:] + ranks[1].text()[-3000:]
     assert "virtual datasets over 2 part files" in ranks[0].text()
     assert_same_cache(target, reference)
+    with h5py.File(target) as fa, h5py.File(reference) as fb:
+        for key in ("cache_hash", "config", "layers", "encoder", "class_wnids"):
+            assert fa.attrs[key] == fb.attrs[key]
     with h5py.File(target) as f:
         assert f["train/conv2"].is_virtual and json.loads(f.attrs["parts"]) == [
             f"{target.name}.part-0-of-2.h5", f"{target.name}.part-1-of-2.h5"]
@@ -92,27 +103,6 @@ def test_two_process_extraction_equals_one_and_resumes_after_a_kill(tiny_zip, tm
     part = target.with_name(f"{target.name}.part-1-of-2.h5")
     part.rename(part.with_suffix(".moved"))
     assert feature_cache.read_attrs(target) is None
-
-
-def _extract_until_killed(cfg, folder):
-    """A rank that stops for good after its first written batch. Polling for a part file instead, a busy test
-    process could miss the parts being written altogether."""
-    write = cache_writer.Writer.write
-
-    def writing(self, *args):
-        write(self, *args)
-        (folder / f"wrote-{os.environ['RANK']}").touch()
-        time.sleep(600)
-    cache_writer.Writer.write = writing
-    extraction.extract(cfg)
-
-
-def _train_in_one_group(runs):
-    """Every ([config, layers]) of `runs` in one process group, taken down after the last."""
-    teardown, distributed.teardown = distributed.teardown, lambda: None
-    for cfg, layers in runs:
-        training.train(cfg, layers)
-    teardown()
 
 
 def test_two_process_training_matches_one_process_with_each_loss(built, trained_once, tmp_path):

@@ -14,6 +14,12 @@ def split(path, seed=0, classes=3, eval_per_class=2, train_per_class=None):
     return data.make_split(data.TinyImageNet(path), seed, classes, eval_per_class, train_per_class)
 
 
+@pytest.fixture(scope="module")
+def folder_zip(tmp_path_factory):
+    """5 classes x 12 train + 3 val images of mixed sizes, types and modes, in a zip."""
+    return synthetic.write_imagefolder(tmp_path_factory.mktemp("folders") / "folders.zip", 5, 12, 3)
+
+
 def test_class_choice_is_deterministic_per_seed_and_differs_across_seeds(tiny_zip):
     assert split(tiny_zip, seed=0).wnids == split(tiny_zip, seed=0).wnids
     choices = {tuple(split(tiny_zip, seed=s).wnids) for s in range(6)}
@@ -103,11 +109,6 @@ def test_download_failure_says_what_to_do(tmp_path):
 
 
 # --- image folders: any layout detail a user's own data may have ---------------------------------
-
-@pytest.fixture(scope="module")
-def folder_zip(tmp_path_factory):
-    """5 classes x 12 train + 3 val images of mixed sizes, types and modes, in a zip."""
-    return synthetic.write_imagefolder(tmp_path_factory.mktemp("folders") / "folders.zip", 5, 12, 3)
 
 
 def test_auto_detects_each_layout_and_says_which(tiny_zip, folder_zip, tmp_path):

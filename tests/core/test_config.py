@@ -1,11 +1,8 @@
-from pathlib import Path
-
 import pytest
 
+from conftest import ROOT
 from inversion.core import config
 from inversion.core.errors import UserError
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_config_yaml_holds_exactly_the_defaults():

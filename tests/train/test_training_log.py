@@ -7,15 +7,11 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import cfg_in
 from inversion.core import checkpoints
 from inversion.train import training, training_log
 
 SIZE_GUIDANCE = {"scalars": 0, "images": 0, "tensors": 0}  # 0: keep every event
-
-
-def cfg_in(built, tmp_path, **overrides):
-    cfg, _ = built
-    return dict(cfg, **{"output.dir": str(tmp_path), **overrides})
 
 
 def events(cfg, layer):
