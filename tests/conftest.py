@@ -19,7 +19,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import typer  # noqa: E402
 
-from inversion.core import config, console, synthetic  # noqa: E402 (torch-free: pytest-xdist's controller loads this file too)
+from inversion.core import (config, console,  # noqa: E402 (torch-free: pytest-xdist's controller loads this file too)
+                            synthetic)
 
 WNIDS = synthetic.wnids_for(5)
 TRAIN_PER_CLASS = 8
@@ -36,6 +37,12 @@ def write_tiny_imagenet(path, corrupt=None, with_wnids=True):
 @pytest.fixture(scope="session")
 def tiny_zip(tmp_path_factory):
     return write_tiny_imagenet(tmp_path_factory.mktemp("data") / "tiny-imagenet-200.zip")
+
+
+@pytest.fixture(scope="module")
+def folder_zip(tmp_path_factory):
+    """5 classes x 12 train + 3 val images of mixed sizes, types and modes, in a zip."""
+    return synthetic.write_imagefolder(tmp_path_factory.mktemp("folders") / "folders.zip", 5, 12, 3)
 
 
 def make_cfg(tmp, data_path, *overrides):

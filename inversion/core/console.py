@@ -138,4 +138,3 @@ class Timer:
 
     def __exit__(self, *exc):
         return False
-

@@ -99,5 +99,3 @@ def adam(parameters, device, fused=True, **options):
 @functools.lru_cache(maxsize=None)
 def _warn_once(message):
     warn(message)
-
-

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from rich.table import Table
 
-from inversion.core import data, distributed, encoder, encoder_graph, feature_cache, host, runtime, storage
+from inversion.core import data, distributed, encoder, encoder_graph, feature_cache, host, runtime, splits, storage
 from inversion.core.console import (Interrupted, Timer, console, deferred_interrupts, interrupt_requested, progress,
                                     rate_text, summary, warn)
 from inversion.core.errors import UserError
@@ -40,7 +40,7 @@ def prepare(cfg):
         shapes = {layer: shape for layer, (shape, _) in found.items()}
         dataset = data.open_dataset(data.locate(cfg["data.path"], cfg["data.format"]), cfg["data.format"])
         console.print(f"data: {dataset.describe()}", soft_wrap=True)
-        split = data.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
+        split = splits.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
                                 cfg["split.eval_per_class"], cfg["split.train_per_class"])
         _show_classes(split, cfg["seed"])
         model, identity = encoder.load(cfg["encoder.arch"], cfg["encoder.weights"], cfg["seed"])

@@ -271,6 +271,8 @@ def _analysis_rows(report):
 
 def _markdown_row(cells):
     return "| " + " | ".join(cells) + " |"
+
+
 def _optimisation_section(path, cache_hash):
     """Decoder vs inversion by optimisation (invert_by_optimisation.py), only when that ran on
     this very cache's eval images (`optimisation_results.stored`)."""

@@ -17,7 +17,7 @@ import typer
 from PIL import Image
 
 from conftest import WNIDS, Forked, assert_same_cache, make_cfg, write_tiny_imagenet
-from inversion.core import console, data, encoder, encoder_graph, feature_cache, storage
+from inversion.core import console, data, encoder, encoder_graph, feature_cache, splits, storage
 from inversion.core.errors import UserError
 from inversion.extract import cache_writer, extraction
 
@@ -50,7 +50,7 @@ def _can_mount_tmpfs():
 def test_cache_holds_split_and_features_equal_a_direct_forward(built, tiny_zip):
     cfg, path = built
     ds = data.TinyImageNet(tiny_zip)
-    split = data.make_split(ds, cfg["seed"], 3, 2, 6)
+    split = splits.make_split(ds, cfg["seed"], 3, 2, 6)
     model, identity = encoder.load("alexnet", "random", cfg["seed"])
     taps = encoder_graph.extractor(model, "alexnet", cfg["layers"])
     with feature_cache.open_for(cfg, cfg["layers"]) as cache:
