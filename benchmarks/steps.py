@@ -400,7 +400,7 @@ def _peak_rss(tmps, zip_path, per_classes, batch):
     """Per folder in `tmps`: (resident memory before, peak resident memory during) the extraction of
     per_class*8 (+8 eval) images, each in a fresh process so nothing else counts; the processes run at
     once (memory, not time, is measured)."""
-    code = "import sys; from inversion import bench; bench.extraction_memory(*sys.argv[1:])"
+    code = "import sys; from benchmarks import steps; steps.extraction_memory(*sys.argv[1:])"
     runs = []
     for tmp, per_class in zip(tmps, per_classes):
         tmp.mkdir()

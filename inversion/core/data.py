@@ -22,7 +22,7 @@ from inversion.core.errors import UserError
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository
 IMAGE_SIZE = 64  # data.image_size's default: Tiny ImageNet's native size
 
 

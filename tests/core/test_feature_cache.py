@@ -23,7 +23,7 @@ def test_reading_a_blosc2_cache_without_hdf5plugin_is_one_line_naming_it(built, 
     cfg = dict(cfg, **{"cache.dir": str(tmp_path), "cache.compression": "blosc2-zstd"})
     extraction.extract(cfg)
     code = (f"import sys; sys.modules['hdf5plugin'] = None; sys.path.insert(0, {str(ROOT)!r}); import h5py\n"
-            f"from inversion import feature_cache, errors\n"
+            f"from inversion.core import feature_cache, errors\n"
             f"try:\n    feature_cache.open_for({cfg!r})\nexcept errors.UserError as e:\n    print(e)\n"
             f"with h5py.File({str(feature_cache.path_for(cfg))!r}) as f:\n"
             f"    try:\n        f['train/fc6'][0]\n    except OSError as e:\n        print('h5py alone:', e)\n")

@@ -64,7 +64,7 @@ def test_free_space_check_names_both_numbers(tmp_path, monkeypatch):
 def test_lock_refuses_a_second_writer_naming_its_pid(tmp_path):
     path = tmp_path / "sub" / "train.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from inversion import storage\nwith storage.lock({str(path)!r}, 'x'):\n"
+        [sys.executable, "-c", f"from inversion.core import storage\nwith storage.lock({str(path)!r}, 'x'):\n"
                                f"    print('locked', flush=True); input()"],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -108,7 +108,7 @@ def test_no_cache_says_which_command_to_run(built, tmp_path):
 
 def test_training_needs_neither_encoder_weights_nor_the_dataset(built, tmp_path):
     cfg = cfg_in(built, tmp_path, **{"data.path": str(tmp_path / "nowhere.zip"), "train.epochs": 1})
-    code = ("import sys, json; from inversion import training; "
+    code = ("import sys, json; from inversion.train import training; "
             "training.train(json.loads(sys.argv[1]), ['conv5']); "
             "bad = [m for m in ('inversion.core.data', 'inversion.core.encoder', 'torchvision', 'PIL') if m in sys.modules]; "
             "assert not bad, bad")
