@@ -148,14 +148,14 @@ def _cache_io(b, cache, job, cached):
 
 
 def _decoding(b, job):
-    rates = {}
+    per_second = {}
     for workers in (1, 2):
-        rates[workers] = b.out[f"decode_img_per_s_{workers}_worker{'s' if workers > 1 else ''}"] = \
+        per_second[workers] = b.out[f"decode_img_per_s_{workers}_worker{'s' if workers > 1 else ''}"] = \
             rates.decode_rate(job.dataset, [m for m, _ in job.split.train + job.split.eval],
-                         b.cfg["data.image_size"], b.batch, workers, b.window)
-    b.out["decode_scaling_2_workers"] = rates[2] / rates[1]
+                              b.cfg["data.image_size"], b.batch, workers, b.window)
+    b.out["decode_scaling_2_workers"] = per_second[2] / per_second[1]
     b.rows.append(("JPEG decode from the zip, 1 vs 2 workers (`decode_scaling_2_workers`)",
-                   f"{rates[1]:,.0f} vs {rates[2]:,.0f} img/s", b.out["decode_scaling_2_workers"], ">= 1.6"))
+                   f"{per_second[1]:,.0f} vs {per_second[2]:,.0f} img/s", b.out["decode_scaling_2_workers"], ">= 1.6"))
 
 
 def _compression_rows(b, written, extract_seconds, train_n, cached):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inversion.core import checkpoints, distributed, encoder_graph, runtime, seeds
+from inversion.core import checkpoints, distributed, runtime, seeds
 from inversion.core.errors import UserError
 from inversion.core.images import to_target
 
@@ -207,7 +207,7 @@ class Objective:
 def comparator(cfg, cache, node, device):
     """Images in [0, 1] -> the cache's encoder's activation at `node`, differentiable, frozen. Refused when
     that encoder cannot be had again exactly (its weights file gone or changed)."""
-    from inversion.core import encoder  # only here: pixel-only training imports no encoder (nor torchvision)
+    from inversion.core import encoder, encoder_graph  # only here: pixel-only training imports neither (nor torchvision)
 
     identity = cache.attrs["encoder"]
     model = encoder.reload_exactly(identity, cache.path, "the feature loss's comparator is that encoder: set "

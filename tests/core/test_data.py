@@ -1,4 +1,8 @@
+import functools
+import hashlib
+import http.server
 import io
+import threading
 import zipfile
 
 import numpy as np
@@ -49,19 +53,34 @@ def test_missing_path_and_non_zip(tmp_path):
         data.TinyImageNet(junk)
 
 
-def test_download_verifies_md5_and_leaves_nothing(tiny_zip, tmp_path):
+@pytest.fixture
+def served(tiny_zip):
+    """The tiny zip over HTTP from this process (a port the kernel picks): torchvision's download_url, like a
+    user's download, reads an HTTP response."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_zip.parent))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_verifies_md5_and_leaves_nothing(served, tiny_zip, tmp_path):
     dest = tmp_path / "dl" / "tiny.zip"
     with pytest.raises(UserError, match="MD5"):
-        data.download(dest, url=tiny_zip.as_uri(), md5="0" * 32)
+        data.download(dest, url=served + tiny_zip.name, md5="0" * 32)
     assert not dest.exists() and not list(dest.parent.iterdir())
-    import hashlib
     good = hashlib.md5(tiny_zip.read_bytes()).hexdigest()
-    assert data.download(dest, url=tiny_zip.as_uri(), md5=good) == dest and dest.read_bytes() == tiny_zip.read_bytes()
+    assert data.download(dest, url=served + tiny_zip.name, md5=good) == dest
+    assert dest.read_bytes() == tiny_zip.read_bytes() and list(dest.parent.iterdir()) == [dest]
 
 
-def test_download_failure_says_what_to_do(tmp_path):
-    with pytest.raises(UserError, match="set data.path"):
-        data.download(tmp_path / "x.zip", url=(tmp_path / "absent.zip").as_uri())
+def test_download_failure_says_what_to_do(served, tmp_path):
+    with pytest.raises(UserError, match="could not download .*absent.zip .*set data.path"):
+        data.download(tmp_path / "x.zip", url=served + "absent.zip")
+    assert not list(tmp_path.iterdir())
 
 
 # --- image folders: any layout detail a user's own data may have ---------------------------------

@@ -22,8 +22,8 @@ def test_stored_results_count_only_for_this_caches_eval_images(tmp_path):
     for other, wanted in ((_result(), "abc"), (_result(), "other cache"), (_result(split="train"), "abc"),
                           (_result(layers={}), "abc")):
         path.write_text(json.dumps(other))
-        assert (results.stored(path, wanted) is not None) == (other["split"] == "eval" and other["layers"]
-                                                              and wanted == "abc")
+        assert (results.stored(path, wanted) is not None) == bool(other["split"] == "eval" and other["layers"]
+                                                                   and wanted == "abc")
 
 
 def test_iterations_and_budgets_read_per_layer_and_from_older_files():
