@@ -4,7 +4,8 @@ import json
 
 import typer
 
-from inversion import bench, console
+from benchmarks import measurements
+from inversion.core import console
 
 app = typer.Typer(add_completion=False)
 
@@ -17,7 +18,7 @@ def main(images: int = typer.Option(512, help="Synthetic training images (8 clas
          device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
          window: float = typer.Option(1.0, min=0.01, help="Seconds each throughput timing runs."),
          fc_width: int = typer.Option(4096, help="Units of the fc decoders' fc layers (decoder.fc_width).")):
-    print(json.dumps(bench.run(images, batch, steps, device, window, fc_width)))
+    print(json.dumps(measurements.run(images, batch, steps, device, window, fc_width)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from inversion import config, console, encoder, extraction, feature_cache, storage
+from inversion.core import config, console, encoder, encoder_graph, feature_cache, storage
+from inversion.core.layouts import ALEXNET_NODES, layout_text
+from inversion.extract import extraction
 
 app = typer.Typer(add_completion=False)
 
@@ -35,14 +37,14 @@ def print_nodes(cfg, all_nodes=False):
     """The nodes `layers` may name, with layout and output shape at encoder.input_size (network
     order), on stdout. Never truncated, whatever the terminal: a name is there to be copied."""
     arch, size = cfg["encoder.arch"], cfg["encoder.input_size"]
-    names = {node: layer for layer, node in config.ALEXNET_NODES.items()} if arch == "alexnet" else {}
-    listed = encoder.list_nodes(arch, size)
+    names = {node: layer for layer, node in ALEXNET_NODES.items()} if arch == "alexnet" else {}
+    listed = encoder_graph.list_nodes(arch, size)
     shown = [row for row in listed if all_nodes or row[2]]
     table = Table(box=None, pad_edge=False)
     for column in ("node", "layer name", "layout", "output shape", f"{cfg['cache.dtype']} bytes/image"):
         table.add_column(column, justify="right" if column.endswith("image") else "left", no_wrap=True)
     for node, shape, layout, reason in shown:
-        table.add_row(node, names.get(node, ""), encoder.layout_text(shape, layout) if layout else reason,
+        table.add_row(node, names.get(node, ""), layout_text(shape, layout) if layout else reason,
                       "x".join(map(str, shape)) if shape is not None else "",
                       f"{feature_cache.layer_bytes(shape, cfg['cache.dtype']):,}" if layout else "")
     out = Console(highlight=False)

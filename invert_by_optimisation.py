@@ -5,7 +5,8 @@ from pathlib import Path
 
 import typer
 
-from inversion import config, console, optimisation
+from inversion.baseline import optimisation
+from inversion.core import config, console
 
 app = typer.Typer(add_completion=False)
 

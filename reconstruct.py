@@ -4,7 +4,8 @@ from pathlib import Path
 
 import typer
 
-from inversion import config, console, own_images
+from inversion.core import config, console
+from inversion.render import own_images
 
 app = typer.Typer(add_completion=False)
 

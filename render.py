@@ -4,7 +4,8 @@ from pathlib import Path
 
 import typer
 
-from inversion import config, console, report
+from inversion.core import config, console
+from inversion.render import report
 
 app = typer.Typer(add_completion=False)
 

@@ -5,7 +5,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from inversion import config, console, decoders, training
+from inversion.core import config, console, decoders
+from inversion.core.layouts import default_layout, layout_text
+from inversion.train import training
 
 app = typer.Typer(add_completion=False)
 
@@ -26,16 +28,16 @@ def main(config_path: Path = console.ConfigOption, overrides: list[str] = consol
 
 def print_tables(cfg, layers):
     """The architecture tables, read off the modules themselves (docs/decoders-and-training.md quotes this output)."""
-    from inversion import encoder  # here only: training itself needs no torchvision (2 s less at every start)
+    from inversion.core import encoder_graph  # here only: training needs no torchvision (2 s less at every start)
 
-    found = encoder.feature_layouts(cfg["encoder.arch"], cfg["encoder.input_size"], layers)
+    found = encoder_graph.feature_layouts(cfg["encoder.arch"], cfg["encoder.input_size"], layers)
     for layer in layers:
         shape, layout = found[layer]
         model = decoders.Decoder(shape, cfg["decoder.width"], out_size=cfg["data.image_size"], layout=layout,
                                  fc_width=cfg["decoder.fc_width"])
         total = sum(p.numel() for p in model.parameters())
-        source = "" if layout == decoders.default_layout(shape) else \
-            f" from the node's {'x'.join(map(str, shape))}, {encoder.layout_text(shape, layout)}"
+        source = "" if layout == default_layout(shape) else \
+            f" from the node's {'x'.join(map(str, shape))}, {layout_text(shape, layout)}"
         table = Table(title=f"{layer} decoder (input {'x'.join(map(str, model.map_shape))}{source}, "
                             f"width {cfg['decoder.width']}, {total:,} parameters)")
         for column in ("layer", "kernel", "stride", "out channels", "out size", "parameters"):

@@ -1,5 +1,6 @@
 """Shared fixtures: a small Tiny-ImageNet-shaped zip and a cache built from it by the real code."""
 
+import json
 import os
 
 # One compute thread per test process and per process a test starts (they inherit it), set before torch
@@ -18,12 +19,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import typer  # noqa: E402
 
-from inversion import config, console, synthetic  # noqa: E402 (torch-free: pytest-xdist's controller loads this file too)
+from inversion.core import (config, console,  # noqa: E402 (torch-free: pytest-xdist's controller loads this file too)
+                            synthetic)
 
 WNIDS = synthetic.wnids_for(5)
 TRAIN_PER_CLASS = 8
 VAL_PER_CLASS = 3
 GRAY_MEMBER = f"train/{WNIDS[0]}/images/{WNIDS[0]}_0.JPEG"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 
 def write_tiny_imagenet(path, corrupt=None, with_wnids=True):
@@ -34,6 +37,12 @@ def write_tiny_imagenet(path, corrupt=None, with_wnids=True):
 @pytest.fixture(scope="session")
 def tiny_zip(tmp_path_factory):
     return write_tiny_imagenet(tmp_path_factory.mktemp("data") / "tiny-imagenet-200.zip")
+
+
+@pytest.fixture(scope="module")
+def folder_zip(tmp_path_factory):
+    """5 classes x 12 train + 3 val images of mixed sizes, types and modes, in a zip."""
+    return synthetic.write_imagefolder(tmp_path_factory.mktemp("folders") / "folders.zip", 5, 12, 3)
 
 
 def make_cfg(tmp, data_path, *overrides):
@@ -53,7 +62,7 @@ def make_cfg(tmp, data_path, *overrides):
 def built(tmp_path_factory, tiny_zip):
     """(config, cache path) of a cache built once from the tiny zip; tests must not modify it."""
     tmp = tmp_path_factory.mktemp("built")
-    from inversion import extraction
+    from inversion.extract import extraction
 
     cfg = make_cfg(tmp, tiny_zip, "cache.dtype=float32")
     return cfg, extraction.extract(cfg)
@@ -64,7 +73,7 @@ def trained_once(built, tmp_path_factory):
     """conv5 and fc8 decoders trained one epoch on the built cache, once for the whole suite."""
     cfg, _ = built
     cfg = dict(cfg, **{"output.dir": str(tmp_path_factory.mktemp("trained")), "train.epochs": 1})
-    from inversion import training
+    from inversion.train import training
 
     training.train(cfg, ["conv5", "fc8"])
     return cfg
@@ -151,11 +160,49 @@ class Forked:
         return self.wait()
 
 
+def cfg_in(built, tmp_path, **overrides):
+    """The built cache's config with outputs in `tmp_path`: a training of its own on the shared cache."""
+    cfg, _ = built
+    return dict(cfg, **{"output.dir": str(tmp_path), **overrides})
+
+
+def train(cfg, fresh=False):
+    """conv5's history after training it alone (the quickest decoder of the four)."""
+    from inversion.train import training
+    return training.train(cfg, ["conv5"], fresh=fresh)["conv5"]
+
+
+def epoch_losses(history):
+    return [(h["epoch"], h["train_loss"], h["eval_loss"]) for h in history]
+
+
+def assert_same_cache(a, b):
+    """The two caches hold the same datasets with the same values."""
+    import h5py
+    import numpy as np
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        for split in ("train", "eval"):
+            assert set(fa[split]) == set(fb[split])
+            for name in fa[split]:
+                np.testing.assert_array_equal(fa[split][name][()], fb[split][name][()], err_msg=f"{split}/{name}")
+
+
+def read_history(path):
+    """A decoder's history.jsonl, one dict per epoch."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def pixel_size(inches):
+    """The (width, height) in pixels of a figure saved at `inches` (figures.DPI)."""
+    from inversion.core.figures import DPI
+    return int(round(inches[0] * DPI)), int(round(inches[1] * DPI))
+
+
 def wait_at_batch(n, reached, until=None):
     """For a forked child: its n-th training batch (counted over epochs from 1) touches `reached`, then waits
     until `until()` (default: until a Ctrl-C or SIGTERM has arrived), so the test sends its signal mid-epoch,
     at a step it chose. The batch is fetched after the step before it and before the checks between steps."""
-    from inversion import batching
+    from inversion.train import batching
 
     until = until or console.interrupt_requested
     real, count = batching.batches, [0]

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import bench as bench_cli
-from inversion import runtime
+from inversion.core import runtime
 
 KEYS = {"extract_vs_forward", "orig_vs_cached_conv2", "orig_vs_cached_fc6", "online_vs_cached",
         "matmul_gflops_fp32", "matmul_gflops_bf16", "train_flops_fraction", "write_mb_per_s",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import WNIDS, write_tiny_imagenet
+from conftest import WNIDS, pixel_size, write_tiny_imagenet
 
 runner = CliRunner()
 
@@ -120,7 +120,7 @@ def test_all_eight_alexnet_layers_end_to_end(cfg_file, tmp_path):
     """layers=all on the tiny data: every layer extracted, trained, and a grid column each."""
     from PIL import Image
 
-    from inversion import figures
+    from inversion.core import figures
 
     common = ["--config", cfg_file, "--set", "layers=all", "--set", "train.epochs=1"]
     assert invoke("extract_features", *common).exit_code == 0
@@ -130,14 +130,14 @@ def test_all_eight_alexnet_layers_end_to_end(cfg_file, tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert list(metrics["layers"]) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
     with Image.open(tmp_path / "out" / "reconstructions.png") as im:
-        assert im.size == figures.pixel_size(figures.comparison_inches(2, 9))  # original + eight layers
+        assert im.size == pixel_size(figures.comparison_inches(2, 9))  # original + eight layers
 
 
 def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
     """The three commands on a zip of odd-sized images without val/: 128 px cache, decoders, figures."""
     from PIL import Image
 
-    from inversion import checkpoints, figures, synthetic
+    from inversion.core import checkpoints, figures, synthetic
 
     folders = synthetic.write_imagefolder(tmp_path / "folders.zip", classes=3, train_per_class=6)
     args = ["--set", f"data.path={folders}", "--set", "data.format=auto", "--set", "data.image_size=128",
@@ -165,7 +165,7 @@ def test_an_image_folder_at_128_pixels_end_to_end(tmp_path):
     assert all(0 < v["mse"] < 1 for v in [*metrics["layers"].values(), *metrics["baselines"].values()])
     assert {"reconstructions.png", "grid_conv2.png", "grid_fc8.png"} <= set(metrics["figures"])
     with Image.open(tmp_path / "out/reconstructions.png") as im:  # cells grow with the images: 2 x 1.1 in
-        assert im.size == figures.pixel_size(figures.comparison_inches(3, 3, 128)) and im.size[0] > 3 * 2 * 110
+        assert im.size == pixel_size(figures.comparison_inches(3, 3, 128)) and im.size[0] > 3 * 2 * 110
     with Image.open(tmp_path / "out/grid_conv2.png") as im:
         assert im.size == (2000, 1120)
     result = invoke("train_decoders", *args, "--describe", "--layers", "conv2")

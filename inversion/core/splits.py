@@ -1,0 +1,70 @@
+"""Which images a run uses: the seeded class choice and the split into training and evaluation images."""
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from inversion.core.errors import UserError
+
+
+@dataclass
+class Split:
+    wnids: list      # chosen classes, sorted; label i is wnids[i]
+    names: list      # their words.txt names
+    train: list      # [(member, label)]
+    eval: list
+
+    def fingerprint(self, dataset):
+        """Content identity of exactly the images in the split, independent of where they live."""
+        h = hashlib.sha256()
+        for part in (self.train, self.eval):
+            for member, label in part:
+                h.update(f"{member}\t{label}\t{dataset.crc32(member):08x}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def make_split(dataset, seed, num_classes, eval_per_class, train_per_class=None):
+    """Seeded class choice, then per class: eval images (val/, or held out of train/ where the
+    dataset has no val/), and training images from the rest of train/.
+
+    Each draw has its own stream, so changing one setting (say train_per_class) never changes
+    which classes are chosen. A held-out image is never also a training image.
+    """
+    all_wnids = dataset.wnids()
+    if not 1 <= num_classes <= len(all_wnids):
+        raise UserError(f"split.num_classes: {num_classes} is outside 1..{len(all_wnids)}")
+    chosen = np.random.default_rng([seed, 0]).choice(len(all_wnids), num_classes, replace=False)
+    wnids = sorted(all_wnids[i] for i in chosen)
+    words = dataset.words()
+    val = dataset.val_images()
+    train, evaluation = [], []
+    for label, wnid in enumerate(wnids):
+        pool_train = dataset.train_images(wnid)
+        if val is not None:
+            pool_eval = val.get(wnid, [])
+            if len(pool_eval) < eval_per_class:
+                raise UserError(f"split.eval_per_class: class {wnid} has {len(pool_eval)} val images, "
+                                f"{eval_per_class} requested")
+        else:
+            if len(pool_train) <= eval_per_class:
+                raise UserError(f"split.eval_per_class: class {wnid} has {len(pool_train)} train images and no "
+                                f"val/, {eval_per_class} requested to hold out (and at least 1 must stay for training)")
+            pool_eval = _subset(pool_train, eval_per_class, [seed, 1, label])
+            held_out = set(pool_eval)
+            pool_train = [m for m in pool_train if m not in held_out]
+        n_train = len(pool_train) if train_per_class is None else train_per_class
+        if len(pool_train) < n_train or n_train == 0:
+            held = "" if val is not None else f" after {eval_per_class} held out for eval"
+            raise UserError(f"split.train_per_class: class {wnid} has {len(pool_train)} train images{held}, "
+                            f"{n_train} requested")
+        evaluation += [(m, label) for m in _subset(pool_eval, eval_per_class, [seed, 1, label])]
+        train += [(m, label) for m in _subset(pool_train, n_train, [seed, 2, label])]
+    return Split(wnids, [words.get(w, w) for w in wnids], train, evaluation)
+
+
+def _subset(members, n, seed):
+    if n >= len(members):
+        return members
+    keep = np.random.default_rng(seed).choice(len(members), n, replace=False)
+    return [members[i] for i in sorted(keep)]
