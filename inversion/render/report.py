@@ -96,7 +96,7 @@ def _write(cfg, report, originals, recon, labels, num_images, normaliser, out):
                        _markdown(report) + _compared_section(report, cfg["output.dir"])
                        + _optimisation_section(out / optimisation_results.RESULTS, report["cache_hash"]))
     rows = figures.choose_rows(labels, num_images, cfg["seed"])  # the comparison grid's images
-    page = webpage.write(out, report, ([title for _, title, _ in COLUMNS], list(_metric_rows(report))), originals[rows],
+    page = webpage.write(out, report, ([title for _, title, _ in _columns(report)], list(_metric_rows(report))), originals[rows],
                          {layer: r[rows] for layer, r in recon.items()}, labels[rows], normaliser)
     return [out / "metrics.json", out / "results.md", page]
 
@@ -199,18 +199,23 @@ COLUMNS = (("mse", "MSE", "{:.5f}"), ("psnr_db", "PSNR (dB)", "{:.2f}"), ("ssim"
            ("feature_error@comparator", "feat. err (comparator)", "{:.3f}"))
 
 
+def _columns(report):
+    """The metric columns: top-1 on the true class only where the encoder's classes are the dataset's."""
+    return [c for c in COLUMNS if c[0] != "top1_true_class" or isinstance(report.get("top1_true_class"), dict)]
+
+
 def _metric_rows(report):
     rows = [(layer, layer, values) for layer, values in report["layers"].items()]
     rows += [(f"baseline: {name.replace('_', ' ')}", None, values) for name, values in report["baselines"].items()]
     for name, layer, values in rows:
-        yield name, _cells(values, layer, report["comparator"])
+        yield name, _cells(values, layer, report["comparator"], _columns(report))
 
 
-def _cells(values, layer, comparator):
+def _cells(values, layer, comparator, columns):
     """A row's formatted metrics; the feature errors at the row's own layer and at the comparator."""
     flat = {**values, **{f"feature_error@{where}": values.get("feature_error", {}).get(node)
                          for where, node in (("layer", layer), ("comparator", comparator))}}
-    return [fmt.format(flat[key]) if flat.get(key) is not None else "-" for key, _, fmt in COLUMNS]
+    return [fmt.format(flat[key]) if flat.get(key) is not None else "-" for key, _, fmt in columns]
 
 
 def _compared(cfg, cache, originals, recon, normaliser, device):
@@ -243,12 +248,12 @@ def _compared_section(report, this_run):
         return ""
     runs = {this_run: report["layers"], **report["compared_runs"]}
     lines = ["", "## Runs compared (render.compare_with)", "",
-             "| layer | run | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|---|" + "---:|" * len(COLUMNS)]
+             "| layer | run | " + " | ".join(title for _, title, _ in _columns(report)) + " |",
+             "|---|---|" + "---:|" * len(_columns(report))]
     for layer in report["layers"]:
         for run, layers in runs.items():
             if layer in layers:
-                cells = _cells(layers[layer], layer, report["comparator"])
+                cells = _cells(layers[layer], layer, report["comparator"], _columns(report))
                 lines.append(f"| {layer} | `{run}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -261,8 +266,8 @@ def _markdown(report):
              f"- Evaluation images: {report['eval_images']:,}; normaliser (mean distance between random "
              f"pairs of eval images): {report['normaliser_mean_pair_distance']:.3f}",
              "- Epochs: " + ", ".join(f"{k} {v['epochs']}" for k, v in report["layers"].items()), "",
-             "| reconstruction from | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+             "| reconstruction from | " + " | ".join(title for _, title, _ in _columns(report)) + " |",
+             "|---|" + "---:|" * len(_columns(report))]
     lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in _metric_rows(report)]
     if isinstance(report["top1_agreement"], str):
         lines += ["", f"Top-1 agreement {report['top1_agreement']}."]
@@ -319,7 +324,7 @@ def _optimisation_section(path, cache_hash):
 def _show(report):
     table = Table(title=f"eval metrics ({report['eval_images']:,} images) - {report['encoder_description']}")
     table.add_column("reconstruction from")
-    for _, title, _ in COLUMNS:
+    for _, title, _ in _columns(report):
         table.add_column(title, justify="right")
     for name, cells in _metric_rows(report):
         table.add_row(name, *cells)
