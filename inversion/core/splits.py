@@ -35,15 +35,25 @@ def choose_classes(dataset, seed, num_classes, key="split.num_classes"):
     return sorted(all_wnids[i] for i in chosen)
 
 
-def held_out(dataset, wnid, seed, eval_per_class):
+def held_out(dataset, wnid, seed, eval_per_class, all_wnids):
     """The train/ images of class `wnid` that a dataset without val/ holds out for evaluation. Drawn by the
-    class's place among all the dataset's classes, not among the classes a split chose: the same images
-    for every split.num_classes, so an encoder trained on every class can leave out exactly these."""
+    class's place among all the dataset's classes (`all_wnids`), not among the classes a split chose: the same
+    images for every split.num_classes, so an encoder trained on every class can leave out exactly these."""
     pool = dataset.train_images(wnid)
     if len(pool) <= eval_per_class:
         raise UserError(f"split.eval_per_class: class {wnid} has {len(pool)} train images and no "
                         f"val/, {eval_per_class} requested to hold out (and at least 1 must stay for training)")
-    return _subset(pool, eval_per_class, [seed, 1, dataset.wnids().index(wnid)])
+    return _subset(pool, eval_per_class, [seed, 1, all_wnids.index(wnid)])
+
+
+def _pools(dataset, val, wnid, seed, eval_per_class, all_wnids):
+    """(training pool, held-out pool) of class `wnid`: train/ and val/, or train/ less what `held_out` names."""
+    pool = dataset.train_images(wnid)
+    if val is not None:
+        return pool, val.get(wnid, [])
+    held = held_out(dataset, wnid, seed, eval_per_class, all_wnids)
+    kept = set(held)
+    return [m for m in pool if m not in kept], held
 
 
 def make_split(dataset, seed, num_classes, eval_per_class, train_per_class=None):
@@ -53,20 +63,15 @@ def make_split(dataset, seed, num_classes, eval_per_class, train_per_class=None)
     Each draw has its own stream, so changing one setting (say train_per_class) never changes
     which classes are chosen. A held-out image is never also a training image.
     """
-    wnids = choose_classes(dataset, seed, num_classes)
+    all_wnids, wnids = dataset.wnids(), choose_classes(dataset, seed, num_classes)
     words = dataset.words()
     val = dataset.val_images()
     train, evaluation = [], []
     for label, wnid in enumerate(wnids):
-        pool_train = dataset.train_images(wnid)
-        if val is not None:
-            pool_eval = val.get(wnid, [])
-            if len(pool_eval) < eval_per_class:
-                raise UserError(f"split.eval_per_class: class {wnid} has {len(pool_eval)} val images, "
-                                f"{eval_per_class} requested")
-        else:
-            pool_eval = held_out(dataset, wnid, seed, eval_per_class)
-            pool_train = [m for m in pool_train if m not in set(pool_eval)]
+        pool_train, pool_eval = _pools(dataset, val, wnid, seed, eval_per_class, all_wnids)
+        if val is not None and len(pool_eval) < eval_per_class:
+            raise UserError(f"split.eval_per_class: class {wnid} has {len(pool_eval)} val images, "
+                            f"{eval_per_class} requested")
         n_train = len(pool_train) if train_per_class is None else train_per_class
         if len(pool_train) < n_train or n_train == 0:
             held = "" if val is not None else f" after {eval_per_class} held out for eval"
@@ -89,12 +94,7 @@ def classifier_split(dataset, seed, num_classes, train_per_class, eval_per_class
     val = dataset.val_images()
     train, evaluation = [], []
     for label, wnid in enumerate(wnids):
-        pool = dataset.train_images(wnid)
-        if val is not None:
-            held = val.get(wnid, [])
-        else:
-            held = held_out(dataset, wnid, seed, eval_per_class)
-            pool = [m for m in pool if m not in set(held)]
+        pool, held = _pools(dataset, val, wnid, seed, eval_per_class, all_wnids)
         if train_per_class is not None and len(pool) < train_per_class:
             raise UserError(f"encoder_training.train_per_class: class {wnid} has {len(pool)} training images, "
                             f"{train_per_class} requested")
