@@ -51,11 +51,12 @@ def load(arch="alexnet", weights="auto", seed=0, trained=None):
         return _random(arch, seed)
     num_classes = None
     if weights in ("imagenet", "auto"):
-        state, identity = _imagenet_state(arch, weights, seed, trained)
-        if state is None and identity is None:
+        here = Path(trained) if trained is not None and Path(trained).is_file() else None
+        state, identity = _imagenet_state(arch, weights, seed, trained, quiet=here is not None)
+        if state is None and here is not None:
+            state, identity, num_classes = _file_state(here, arch)
+        elif state is None:
             return _random(arch, seed)
-        if state is None:  # auto found a trained file
-            state, identity, num_classes = _file_state(Path(identity), arch)
     else:
         state, identity, num_classes = _file_state(Path(weights), arch)
     model = meta_model(arch, num_classes)  # no init to overwrite: the state's tensors become the weights
@@ -68,11 +69,11 @@ def load(arch="alexnet", weights="auto", seed=0, trained=None):
     return _freeze(model.float()), identity
 
 
-def _imagenet_state(arch, weights, seed, trained=None):
-    """The arch's ImageNet state_dict the standard way (the torch hub cache, else a download). Where neither
-    is there, `auto` gives (None, the path of the trained file) when `trained` is a file, else falls back to
-    random weights ((None, None), a loud warning); a file that is there but cannot be read is an error
-    naming it, never a silent fallback."""
+def _imagenet_state(arch, weights, seed, trained=None, quiet=False):
+    """(state_dict, identity) of the arch's ImageNet weights the standard way (the torch hub cache, else a
+    download), or (None, None) under `auto` where neither is there: the caller then loads the file trained
+    here (`quiet`: there is one) or, with a loud warning naming where `trained` would be, random weights. A
+    file that is there but cannot be read is an error naming it, never a silent fallback."""
     from inversion.core.console import warn
 
     default, path = imagenet_weights(arch), hub_checkpoint(arch)
@@ -86,8 +87,8 @@ def _imagenet_state(arch, weights, seed, trained=None):
         if weights == "imagenet":
             raise UserError(f"encoder.weights=imagenet: cannot load {default} ({type(e).__name__}); "
                             f"download {default.url} to {path}") from None
-        if trained is not None and Path(trained).is_file():
-            return None, str(trained)
+        if quiet:
+            return None, None
         warn(f"ImageNet {display_name(arch)} weights unavailable ({type(e).__name__}); using a RANDOM-INIT "
              f"encoder (seed {seed}). Results will NOT show what a pretrained {display_name(arch)} keeps. "
              f"Put {path.name} at {path} to use the real weights, or train one here with python train_encoder.py"
