@@ -42,10 +42,14 @@ def prepare(cfg):
         dataset = data.open_dataset(located, cfg["data.format"])
         console.print(f"data: {dataset.describe()}", soft_wrap=True)
         split = splits.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
-                                cfg["split.eval_per_class"], cfg["split.train_per_class"])
+                                  cfg["split.eval_per_class"], cfg["split.train_per_class"])
         _show_classes(split, cfg["seed"])
         model, identity = encoder.load(cfg["encoder.arch"], cfg["encoder.weights"], cfg["seed"],
                                        trained=encoder_weights.default_path(cfg, located))
+        if identity.get("num_classes"):  # trained here: its own number of classes, so fc8 has that many units
+            found = encoder_graph.feature_layouts(cfg["encoder.arch"], cfg["encoder.input_size"], cfg["layers"],
+                                                  identity["num_classes"])
+            shapes = {layer: shape for layer, (shape, _) in found.items()}
         console.print(f"encoder: {encoder.describe(identity)}")
         sources = {"data": split.fingerprint(dataset), "encoder": identity,
                    "preprocess": encoder.PREPROCESS_VERSION, "image_preprocess": data.PREPROCESS_VERSION}

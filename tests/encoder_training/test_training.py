@@ -23,6 +23,7 @@ TINY = ("encoder.arch=squeezenet1_1", "encoder.input_size=64", "encoder_training
 
 
 def tiny_cfg(tmp, data_path, *overrides):
+    tmp.mkdir(parents=True, exist_ok=True)
     return make_cfg(tmp, data_path, *TINY, f"encoder_training.output={tmp}/encoders/tiny.pt", *overrides)
 
 
