@@ -18,7 +18,8 @@ LAST, IN_PROGRESS, HISTORY = "last.pt", "in-progress.pt", "history.json"
 GUARDED = ("seed", "encoder.arch", "encoder.input_size", "data.image_size", "split.eval_per_class",
            *(f"encoder_training.{key}" for key in ("epochs", "batch_size", "num_classes", "train_per_class", "lr",
                                                    "momentum", "weight_decay", "label_smoothing", "warmup",
-                                                   "min_input_size", "crop_scale", "batchnorm")))
+                                                   "min_input_size", "full_size_epochs", "crop_scale",
+                                                   "batchnorm")))
 
 
 def folder(output):

@@ -4,10 +4,9 @@ had (no internet, blocked downloads) or when the question is what a network trai
 Top to bottom: the dataset's training images of every class (or `num_classes` of them) are decoded once
 into one uint8 array (Tiny ImageNet: 1.2 GB) and augmented in batches (augment.py); the network gets batch
 norm where it has none (batchnorm.py); SGD with Nesterov momentum, a linear warm-up and a cosine to zero per
-step, label smoothing; progressive resizing, from `min_input_size` to `encoder.input_size` over the first
-three quarters of the epochs (small inputs cost a fraction of the compute while the network learns coarse
-features). After every epoch, top-1 and top-5 on the held-out images at `encoder.input_size`, through the
-extraction's own preprocessing, and a checkpoint; at the end the batch norm is folded away and the weights
+step, label smoothing; progressive resizing: `min_input_size` for most epochs (a fraction of the compute),
+`encoder.input_size` for the last `full_size_epochs`. After every epoch, top-1 and top-5 on the held-out
+images at `encoder.input_size`, through the extraction's own preprocessing, and a checkpoint; at the end the batch norm is folded away and the weights
 file written (core/encoder_weights.py).
 
 Resuming (after Ctrl-C, SIGTERM or a kill) gives the same weights as a run never stopped: each epoch's image
@@ -123,13 +122,11 @@ def build(cfg, job, device, fresh):
 
 
 def input_size_at(cfg, epoch):
-    """Progressive resizing: `min_input_size` in the first epoch, growing linearly to `encoder.input_size`
-    at three quarters of the epochs and staying there (multiples of 16)."""
-    low, high, epochs = cfg["encoder_training.min_input_size"], cfg["encoder.input_size"], cfg["encoder_training.epochs"]
-    if epochs == 1 or low >= high:
-        return high
-    fraction = min(1.0, epoch / max(1.0, 0.75 * (epochs - 1)))
-    return min(high, int(round((low + (high - low) * fraction) / 16)) * 16)
+    """Progressive resizing: `min_input_size` for all epochs but the last `full_size_epochs`, which train at
+    `encoder.input_size`, the size the held-out images are scored at and extraction feeds the encoder.
+    Most epochs cost a fraction (a quarter at 112 of 224 px: docs/encoder-training.md)."""
+    last = cfg["encoder_training.epochs"] - cfg["encoder_training.full_size_epochs"]
+    return cfg["encoder.input_size"] if epoch >= last else min(cfg["encoder_training.min_input_size"], cfg["encoder.input_size"])
 
 
 def lr_at(cfg, step, total):

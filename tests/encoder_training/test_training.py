@@ -17,7 +17,7 @@ from inversion.core import console, encoder, encoder_weights
 from inversion.core.errors import UserError
 from inversion.encoder_training import checkpointing, training
 
-TINY = ("encoder.arch=squeezenet1_1", "encoder.input_size=64", "encoder_training.min_input_size=48",
+TINY = ("encoder.arch=squeezenet1_1", "encoder.input_size=64", "encoder_training.min_input_size=48", "encoder_training.full_size_epochs=1",
         "encoder_training.epochs=2", "encoder_training.batch_size=8", "encoder_training.warmup=0.2",
         "encoder_training.tensorboard=false")  # 40 training images: 5 steps an epoch
 
