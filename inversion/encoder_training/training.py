@@ -6,8 +6,8 @@ into one uint8 array (Tiny ImageNet: 1.2 GB) and augmented in batches (augment.p
 norm where it has none (batchnorm.py); SGD with Nesterov momentum, a linear warm-up and a cosine to zero per
 step, label smoothing; progressive resizing: `min_input_size` for most epochs (a fraction of the compute),
 `encoder.input_size` for the last `full_size_epochs`. After every epoch, top-1 and top-5 on the held-out
-images at `encoder.input_size`, through the extraction's own preprocessing, and a checkpoint; at the end the batch norm is folded away and the weights
-file written (core/encoder_weights.py).
+images at `encoder.input_size`, through the extraction's own preprocessing, and a checkpoint; at the end
+the batch norm is folded away and the weights file written (core/encoder_weights.py).
 
 Resuming (after Ctrl-C, SIGTERM or a kill) gives the same weights as a run never stopped: each epoch's image
 order, crops, flips and dropout come from generators seeded by (seed, epoch), and an in-progress checkpoint
