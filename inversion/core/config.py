@@ -79,7 +79,7 @@ SCHEMA = {
     "encoder_training.num_classes": (None, (int, type(None)), lambda v: v is None or v >= 2, "null (all) or an integer >= 2"),
     "encoder_training.train_per_class": (None, (int, type(None)), lambda v: v is None or v >= 1, "null (all) or an integer >= 1"),
     "encoder_training.output": (None, (str, type(None)), None, "null (encoders/<arch>-<dataset>.pt) or a file path"),
-    "encoder_training.lr": (0.1, _NUM, lambda v: v > 0, "a number > 0"),
+    "encoder_training.lr": (0.02, _NUM, lambda v: v > 0, "a number > 0"),
     "encoder_training.momentum": (0.9, _NUM, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "encoder_training.weight_decay": (5e-5, _NUM, lambda v: v >= 0, "a number >= 0"),
     "encoder_training.label_smoothing": (0.1, _NUM, lambda v: 0 <= v < 1, "a number in [0, 1)"),
