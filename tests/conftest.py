@@ -198,14 +198,16 @@ def pixel_size(inches):
     return int(round(inches[0] * DPI)), int(round(inches[1] * DPI))
 
 
-def wait_at_batch(n, reached, until=None):
+def wait_at_batch(n, reached, until=None, module=None):
     """For a forked child: its n-th training batch (counted over epochs from 1) touches `reached`, then waits
     until `until()` (default: until a Ctrl-C or SIGTERM has arrived), so the test sends its signal mid-epoch,
-    at a step it chose. The batch is fetched after the step before it and before the checks between steps."""
-    from inversion.train import batching
+    at a step it chose. The batch is fetched after the step before it. `module`: whose `batches` generator
+    to hold (default: decoder training's, inversion.train.batching)."""
+    if module is None:
+        from inversion.train import batching as module
 
     until = until or console.interrupt_requested
-    real, count = batching.batches, [0]
+    real, count = module.batches, [0]
 
     def batches(*args):
         for item in real(*args):
@@ -215,7 +217,7 @@ def wait_at_batch(n, reached, until=None):
                 while not until():
                     time.sleep(0.01)
             yield item
-    batching.batches = batches
+    module.batches = batches
 
 
 def forked_ranks(fn, *args, world=2):

@@ -73,6 +73,25 @@ SCHEMA = {
     "render.compare_with": ([], list, lambda v: all(isinstance(x, str) and x for x in v),
                             "a list of other runs' output.dir folders"),
     "output.dir": ("outputs", str, None, "a folder path"),
+    # train_encoder.py (docs/encoder-training.md): a classifier trained here, where ImageNet weights cannot be had.
+    "encoder_training.epochs": (10, int, lambda v: v >= 1, "an integer >= 1"),
+    "encoder_training.batch_size": (128, int, lambda v: v >= 2, "an integer >= 2"),
+    "encoder_training.num_classes": (None, (int, type(None)), lambda v: v is None or v >= 2, "null (all) or an integer >= 2"),
+    "encoder_training.train_per_class": (None, (int, type(None)), lambda v: v is None or v >= 1, "null (all) or an integer >= 1"),
+    "encoder_training.output": (None, (str, type(None)), None, "null (encoders/<arch>-<dataset>.pt) or a file path"),
+    "encoder_training.lr": (0.02, _NUM, lambda v: v > 0, "a number > 0"),
+    "encoder_training.momentum": (0.9, _NUM, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "encoder_training.weight_decay": (5e-5, _NUM, lambda v: v >= 0, "a number >= 0"),
+    "encoder_training.label_smoothing": (0.1, _NUM, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "encoder_training.warmup": (0.03, _NUM, lambda v: 0 <= v < 1, "a fraction of the steps in [0, 1)"),
+    "encoder_training.min_input_size": (112, int, lambda v: 32 <= v <= 1024, "an integer in 32..1024"),
+    "encoder_training.full_size_epochs": (2, int, lambda v: v >= 1, "an integer >= 1"),
+    "encoder_training.crop_scale": ([0.35, 1.0], list, lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+                                    "[min, max] fractions of the image's area, 0 < min <= max <= 1"),
+    "encoder_training.batchnorm": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
+    "encoder_training.checkpoint_minutes": (None, (int, float, type(None)), lambda v: v is None or v > 0,
+                                            "null or a number of minutes > 0"),
+    "encoder_training.tensorboard": (True, bool, None, "true or false"),
     # Inversion by optimisation (invert_by_optimisation.py); docs/optimisation-baseline.md says which constants are M&V's.
     "optimisation.iterations": (200, int, lambda v: v >= 1, "an integer >= 1"),
     "optimisation.optimizer": ("adam", str, lambda v: v in ("adam", "sgd"), "adam or sgd"),
@@ -246,4 +265,3 @@ def _validate(key, value, name=None):
 
 def _as_tuple(types):
     return types if isinstance(types, tuple) else (types,)
-

@@ -10,7 +10,6 @@ RGB uint8 SxS -> float in [0, 1] -> bilinear resize to input_size (align_corners
 import copy
 import difflib
 import functools
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from inversion.core import encoder_weights
 from inversion.core.errors import UserError
 
 PREPROCESS_VERSION = 1  # bump when preprocessing changes: it is part of every cache's hash
@@ -43,17 +43,23 @@ def hub_checkpoint(arch="alexnet"):
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet_weights(arch).url).name
 
 
-def load(arch="alexnet", weights="auto", seed=0):
-    """(frozen model in eval mode, identity dict). The identity travels with every artifact."""
+def load(arch="alexnet", weights="auto", seed=0, trained=None):
+    """(frozen model in eval mode, identity dict). The identity travels with every artifact. `auto`: the
+    ImageNet weights from torchvision's cache; else the file train_encoder.py wrote for this arch and
+    dataset (`trained`, its default path) where there is one; else random init, loudly."""
     if weights == "random":
         return _random(arch, seed)
+    num_classes = None
     if weights in ("imagenet", "auto"):
-        state, identity = _imagenet_state(arch, weights, seed)
-        if state is None:
+        here = Path(trained) if trained is not None and Path(trained).is_file() else None
+        state, identity = _imagenet_state(arch, weights, seed, trained, quiet=here is not None)
+        if state is None and here is not None:
+            state, identity, num_classes = _file_state(here, arch)
+        elif state is None:
             return _random(arch, seed)
     else:
-        state, identity = _file_state(Path(weights), arch)
-    model = meta_model(arch)  # no init to overwrite: the state's tensors become the weights (float32, as built)
+        state, identity, num_classes = _file_state(Path(weights), arch)
+    model = meta_model(arch, num_classes)  # no init to overwrite: the state's tensors become the weights
     try:
         model.load_state_dict(state, assign=True)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -63,10 +69,11 @@ def load(arch="alexnet", weights="auto", seed=0):
     return _freeze(model.float()), identity
 
 
-def _imagenet_state(arch, weights, seed):
-    """The arch's ImageNet state_dict the standard way (the torch hub cache, else a download). `auto` falls
-    back to random weights (state None, a loud warning) only when neither is there; a file that is there
-    but cannot be read is an error naming it, never a silent fallback."""
+def _imagenet_state(arch, weights, seed, trained=None, quiet=False):
+    """(state_dict, identity) of the arch's ImageNet weights the standard way (the torch hub cache, else a
+    download), or (None, None) under `auto` where neither is there: the caller then loads the file trained
+    here (`quiet`: there is one) or, with a loud warning naming where `trained` would be, random weights. A
+    file that is there but cannot be read is an error naming it, never a silent fallback."""
     from inversion.core.console import warn
 
     default, path = imagenet_weights(arch), hub_checkpoint(arch)
@@ -80,34 +87,39 @@ def _imagenet_state(arch, weights, seed):
         if weights == "imagenet":
             raise UserError(f"encoder.weights=imagenet: cannot load {default} ({type(e).__name__}); "
                             f"download {default.url} to {path}") from None
-        warn(f"ImageNet {_display(arch)} weights unavailable ({type(e).__name__}); using a RANDOM-INIT "
-             f"encoder (seed {seed}). Results will NOT show what a pretrained {_display(arch)} keeps. "
-             f"Put {path.name} at {path} to use the real weights.")
+        if quiet:
+            return None, None
+        warn(f"ImageNet {display_name(arch)} weights unavailable ({type(e).__name__}); using a RANDOM-INIT "
+             f"encoder (seed {seed}). Results will NOT show what a pretrained {display_name(arch)} keeps. "
+             f"Put {path.name} at {path} to use the real weights, or train one here with python train_encoder.py"
+             f"{f' (it writes {trained})' if trained else ''}.")
         return None, None
     return state, {"arch": arch, "kind": "imagenet", "name": f"{type(default).__name__}.{default.name}",
-                   "sha256": _sha256(path) if path.is_file() else None}
+                   "sha256": encoder_weights.sha256(path) if path.is_file() else None}
 
 
 def _file_state(path, arch):
-    """(state_dict, identity) of a weights file, or a one-line error naming it."""
-    if not path.is_file():
-        raise UserError(f"encoder.weights: no such file: {path} (or use auto, imagenet, random)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        # torch.load raises many types for a damaged or foreign file
-        raise UserError(f"encoder.weights: cannot read {path} as a state_dict ({type(e).__name__})") from None
-    return state, {"arch": arch, "kind": "file", "path": str(path), "sha256": _sha256(path)}
+    """(state_dict, identity, num_classes or None) of a weights file, or a one-line error naming it: a file
+    train_encoder.py wrote (its own arch and class count), or a plain state_dict of torchvision's arch."""
+    record = encoder_weights.read(path)
+    if not encoder_weights.is_record(record):
+        return record, {"arch": arch, "kind": "file", "path": str(path), "sha256": encoder_weights.sha256(path)}, None
+    if record["arch"] != arch:
+        raise UserError(f"encoder.weights: {path} holds a trained {record['arch']}, not encoder.arch {arch}; "
+                        f"set encoder.arch={record['arch']} or train a {arch} with python train_encoder.py")
+    return record["state_dict"], encoder_weights.identity(path, record), record["num_classes"]
 
 
 def describe(identity):
     """One line for logs and figure titles; random weights are never passed off as pretrained."""
-    arch = _display(identity.get("arch", "alexnet"))
+    arch = display_name(identity.get("arch", "alexnet"))
     if identity["kind"] == "random":
         return f"{arch} random init, not ImageNet-pretrained (seed {identity['seed']})"
     if identity["kind"] == "imagenet":
         sha = identity.get("sha256")
         return f"{arch} ImageNet-pretrained ({identity['name']}{', sha256 ' + sha[:12] if sha else ''})"
+    if identity["kind"] == "trained":
+        return encoder_weights.describe(identity, arch)
     return f"{arch} weights from {identity['path']} (sha256 {identity['sha256'][:12]})"
 
 
@@ -127,7 +139,7 @@ def reload_exactly(identity, cache_path, remedy):
     model = reload(identity)
     if model is not None:
         return model
-    if identity["kind"] == "file":
+    if identity["kind"] in ("file", "trained"):
         reason = (f"{identity['path']} is gone" if not Path(identity["path"]).is_file()
                   else f"{identity['path']} has changed since (its sha256 is no longer {identity['sha256'][:12]})")
     elif identity["kind"] == "imagenet":
@@ -178,20 +190,21 @@ def encode(taps, images, input_size, arch, device, dtype=torch.float32):
     return {k: v.to(dtype).cpu().numpy() for k, v in taps(x).items()}
 
 
-def meta_model(arch):
+def meta_model(arch, num_classes=None):
     """The arch built on the meta device: no memory, no init; weights are assigned or shapes probed."""
     try:
         with torch.device("meta"):
-            return build(arch).eval()
+            return build(arch, num_classes).eval()
     except NotImplementedError:  # an init that reads tensor values (regnet's widths): built, then moved
-        return build(arch).eval().to("meta")
+        return build(arch, num_classes).eval().to("meta")
 
 
-def build(arch):
+def build(arch, num_classes=None):
+    """torchvision's `arch`, untrained, with `num_classes` outputs (None: ImageNet's 1000)."""
     imagenet_weights(arch)  # a clear error for an unknown arch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. googlenet's note about its init scheme
-        return torchvision.models.get_model(arch)
+        return torchvision.models.get_model(arch, **({} if num_classes is None else {"num_classes": num_classes}))
 
 
 def _random(arch, seed):
@@ -220,13 +233,5 @@ def _freeze(model):
     return model
 
 
-def _display(arch):
+def display_name(arch):
     return "AlexNet" if arch == "alexnet" else arch
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

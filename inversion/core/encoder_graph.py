@@ -38,14 +38,14 @@ def extractor(model, arch, layers):
                                     suppress_diff_warning=True)
 
 
-def feature_shapes(arch, input_size, layers):
+def feature_shapes(arch, input_size, layers, num_classes=None):
     """Per-layer activation shape (without batch), from a weightless forward on the meta device."""
-    return {layer: shape for layer, (shape, _) in feature_layouts(arch, input_size, layers).items()}
+    return {layer: shape for layer, (shape, _) in feature_layouts(arch, input_size, layers, num_classes).items()}
 
 
-def feature_layouts(arch, input_size, layers):
+def feature_layouts(arch, input_size, layers, num_classes=None):
     """{layer: (shape without batch, layout)}; a node no decoder can read is refused in one line."""
-    found = _classified(arch, input_size, tuple(layers))
+    found = _classified(arch, input_size, tuple(layers), num_classes)
     for layer in layers:
         shape, layout, reason = found[layer]
         if layout is None:
@@ -70,17 +70,17 @@ PROBE_STEP = 32
 
 
 @functools.lru_cache(maxsize=64)
-def _classified(arch, input_size, layers):
+def _classified(arch, input_size, layers, num_classes=None):
     """`_classify(_probe(...))`, remembered: tracing a graph costs up to seconds (MaxViT), and one command
     (or test session) asks about the same arch and nodes several times. Plain tuples: nothing to mutate."""
-    return _classify(_probe(arch, input_size, None if layers is None else list(layers)))
+    return _classify(_probe(arch, input_size, None if layers is None else list(layers), num_classes))
 
 
-def _probe(arch, input_size, layers=None):
+def _probe(arch, input_size, layers=None, num_classes=None):
     """({layer or node: output at batch 2}, {... at batch 3}, whether the second input was larger),
     from forwards of an unweighted model on the meta device (no memory, no compute), run node by node
     through the one traced eval graph (`_eval_graph`): no tracing per question."""
-    module, qualnames = _eval_graph(arch)
+    module, qualnames = _eval_graph(arch, num_classes)
     if layers is None:
         picked = {name: node for node, name in qualnames.items() if node.op != "placeholder"}
     else:
@@ -176,11 +176,11 @@ def _graph_nodes(arch):
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_graph(arch):
+def _eval_graph(arch, num_classes=None):
     """(graph module, {fx node: node name}) of the arch's eval graph on the meta device, traced once per
     process with feature_extraction's tracer and its defaults: the names and the graph depend on the
     arch alone (not its weights), and a trace costs seconds for MaxViT and ViT."""
-    model = encoder.meta_model(arch)
+    model = encoder.meta_model(arch, num_classes)
     ops = [cls for _, cls in inspect.getmembers(torchvision.ops, inspect.isclass) if issubclass(cls, nn.Module)]
     tracer = NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=ops)
     graph = tracer.trace(model)

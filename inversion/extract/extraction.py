@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from rich.table import Table
 
-from inversion.core import data, distributed, encoder, encoder_graph, feature_cache, host, runtime, splits, storage
+from inversion.core import data, distributed, encoder, encoder_graph, encoder_weights, feature_cache, host, runtime, splits, storage
 from inversion.core.console import (Interrupted, Timer, console, deferred_interrupts, interrupt_requested, progress,
                                     rate_text, summary, warn)
 from inversion.core.errors import UserError
@@ -38,12 +38,18 @@ def prepare(cfg):
         # The encoder and its layers first: a typo in a node name should not wait for the data.
         found = encoder_graph.feature_layouts(cfg["encoder.arch"], cfg["encoder.input_size"], cfg["layers"])
         shapes = {layer: shape for layer, (shape, _) in found.items()}
-        dataset = data.open_dataset(data.locate(cfg["data.path"], cfg["data.format"]), cfg["data.format"])
+        located = data.locate(cfg["data.path"], cfg["data.format"])
+        dataset = data.open_dataset(located, cfg["data.format"])
         console.print(f"data: {dataset.describe()}", soft_wrap=True)
         split = splits.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
-                                cfg["split.eval_per_class"], cfg["split.train_per_class"])
+                                  cfg["split.eval_per_class"], cfg["split.train_per_class"])
         _show_classes(split, cfg["seed"])
-        model, identity = encoder.load(cfg["encoder.arch"], cfg["encoder.weights"], cfg["seed"])
+        model, identity = encoder.load(cfg["encoder.arch"], cfg["encoder.weights"], cfg["seed"],
+                                       trained=encoder_weights.default_path(cfg, located))
+        if identity.get("num_classes"):  # trained here: its own number of classes, so fc8 has that many units
+            found = encoder_graph.feature_layouts(cfg["encoder.arch"], cfg["encoder.input_size"], cfg["layers"],
+                                                  identity["num_classes"])
+            shapes = {layer: shape for layer, (shape, _) in found.items()}
         console.print(f"encoder: {encoder.describe(identity)}")
         sources = {"data": split.fingerprint(dataset), "encoder": identity,
                    "preprocess": encoder.PREPROCESS_VERSION, "image_preprocess": data.PREPROCESS_VERSION}

@@ -38,7 +38,7 @@ def _render(cfg, cache, layers, num_images):
     recon = {layer: inference.decode(model, cache["eval"][layer], 256, device) for layer, (model, _) in decoders.items()}
 
     normaliser = metrics.pair_distance(originals, cfg["seed"])
-    scores, top1 = _scores(cfg, cache, images, originals, recon, normaliser, device)
+    scores, top1, true_class = _scores(cfg, cache, images, originals, recon, normaliser, device)
     baselines = _baselines(cache, originals, labels, normaliser)
     compared = _compared(cfg, cache, originals, recon, normaliser, device)
 
@@ -66,6 +66,8 @@ def _render(cfg, cache, layers, num_images):
         "comparator": cfg["loss.comparator"],
         "compared_runs": {folder: run["scores"] for folder, run in compared.items()},
         "top1_agreement": top1 or f"skipped: {_top1_reason(cfg, identity)}",
+        "top1_true_class": true_class or "skipped: " + (_top1_reason(cfg, identity)
+                                                        or "the encoder's classes are not the dataset's"),
         "analyses": table or "skipped: render.analyses is false",
         "analysis_claims": analyses.claims(table, baselines["mean_train_image"]["normalized_error"],
                                            encoder.is_pretrained(identity)) if table else [],
@@ -94,20 +96,25 @@ def _write(cfg, report, originals, recon, labels, num_images, normaliser, out):
                        _markdown(report) + _compared_section(report, cfg["output.dir"])
                        + _optimisation_section(out / optimisation_results.RESULTS, report["cache_hash"]))
     rows = figures.choose_rows(labels, num_images, cfg["seed"])  # the comparison grid's images
-    page = webpage.write(out, report, ([title for _, title, _ in COLUMNS], list(_metric_rows(report))), originals[rows],
+    page = webpage.write(out, report, ([title for _, title, _ in _columns(report)], list(_metric_rows(report))), originals[rows],
                          {layer: r[rows] for layer, r in recon.items()}, labels[rows], normaliser)
     return [out / "metrics.json", out / "results.md", page]
 
 
 def _scores(cfg, cache, images, originals, recon, normaliser, device):
-    """({layer: metrics}, {layer: top-1 agreement}, empty where skipped) of the reconstructions."""
+    """({layer: metrics}, {layer: top-1 agreement}, {"original" and layer: top-1 on the true class}; the last
+    two empty where skipped) of the reconstructions."""
     scores = {layer: metrics.summarize(originals, r, normaliser) for layer, r in recon.items()}
-    top1 = _top1(cfg, cache.attrs["encoder"], images, recon, device)
+    top1, true_class = _top1(cfg, cache.attrs["encoder"], images, recon, device, cache.load("eval", "labels"),
+                             cache.attrs["class_wnids"])
     for layer, value in top1.items():
         scores[layer]["top1_agreement"] = value
+    for layer, value in true_class.items():
+        if layer in scores:
+            scores[layer]["top1_true_class"] = value
     for layer, values in comparison.sharpness(cfg, cache, originals, recon, device).items():
         scores[layer].update(values)
-    return scores, top1
+    return scores, top1, true_class
 
 
 def _figures(cfg, cache, decoders, recon, num_images, note, provenance, out):
@@ -143,14 +150,16 @@ def _baselines(cache, originals, labels, normaliser, chunk=2048):
     }
 
 
-def _top1(cfg, identity, images, recon, device, batch=128):
-    """Share of reconstructions that the encoder puts in the same ImageNet class as their original."""
+def _top1(cfg, identity, images, recon, device, labels, wnids, batch=128):
+    """{layer: share of reconstructions the encoder puts in the class it puts their original in}, and for an
+    encoder trained here (whose classes are the dataset's), {"original" and each layer: share put in the
+    image's true class}; empty where skipped."""
     if _top1_reason(cfg, identity):
-        return {}
+        return {}, {}
     model = encoder.reload(identity)
     if model is None:
         warn("top-1 agreement skipped: the encoder this cache was built with cannot be loaded again")
-        return {}
+        return {}, {}
     model = model.to(device)
 
     def classes(uint8_images):
@@ -161,7 +170,14 @@ def _top1(cfg, identity, images, recon, device, batch=128):
                 for s in range(0, len(uint8_images), batch)])
 
     reference = classes(images)
-    return {layer: (classes(to_uint8(r)) == reference).float().mean().item() for layer, r in recon.items()}
+    predicted = {layer: classes(to_uint8(r)) for layer, r in recon.items()}
+    agreement = {layer: (p == reference).float().mean().item() for layer, p in predicted.items()}
+    known = identity.get("classes")
+    if not known or not all(w in known for w in wnids):
+        return agreement, {}
+    truth = torch.tensor([known.index(wnids[label]) for label in labels])
+    true_class = {name: (p == truth).float().mean().item() for name, p in {"original": reference, **predicted}.items()}
+    return agreement, true_class
 
 
 def _top1_reason(cfg, identity):
@@ -178,22 +194,28 @@ def _short(name):
 
 COLUMNS = (("mse", "MSE", "{:.5f}"), ("psnr_db", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
            ("normalized_error", "norm. error", "{:.3f}"), ("top1_agreement", "top-1 agree", "{:.1%}"),
+           ("top1_true_class", "top-1 true class", "{:.1%}"),
            ("high_frequency_ratio", "HF ratio", "{:.3f}"), ("feature_error@layer", "feat. err (layer)", "{:.3f}"),
            ("feature_error@comparator", "feat. err (comparator)", "{:.3f}"))
+
+
+def _columns(report):
+    """The metric columns: top-1 on the true class only where the encoder's classes are the dataset's."""
+    return [c for c in COLUMNS if c[0] != "top1_true_class" or isinstance(report.get("top1_true_class"), dict)]
 
 
 def _metric_rows(report):
     rows = [(layer, layer, values) for layer, values in report["layers"].items()]
     rows += [(f"baseline: {name.replace('_', ' ')}", None, values) for name, values in report["baselines"].items()]
     for name, layer, values in rows:
-        yield name, _cells(values, layer, report["comparator"])
+        yield name, _cells(values, layer, report["comparator"], _columns(report))
 
 
-def _cells(values, layer, comparator):
+def _cells(values, layer, comparator, columns):
     """A row's formatted metrics; the feature errors at the row's own layer and at the comparator."""
     flat = {**values, **{f"feature_error@{where}": values.get("feature_error", {}).get(node)
                          for where, node in (("layer", layer), ("comparator", comparator))}}
-    return [fmt.format(flat[key]) if flat.get(key) is not None else "-" for key, _, fmt in COLUMNS]
+    return [fmt.format(flat[key]) if flat.get(key) is not None else "-" for key, _, fmt in columns]
 
 
 def _compared(cfg, cache, originals, recon, normaliser, device):
@@ -226,12 +248,12 @@ def _compared_section(report, this_run):
         return ""
     runs = {this_run: report["layers"], **report["compared_runs"]}
     lines = ["", "## Runs compared (render.compare_with)", "",
-             "| layer | run | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|---|" + "---:|" * len(COLUMNS)]
+             "| layer | run | " + " | ".join(title for _, title, _ in _columns(report)) + " |",
+             "|---|---|" + "---:|" * len(_columns(report))]
     for layer in report["layers"]:
         for run, layers in runs.items():
             if layer in layers:
-                cells = _cells(layers[layer], layer, report["comparator"])
+                cells = _cells(layers[layer], layer, report["comparator"], _columns(report))
                 lines.append(f"| {layer} | `{run}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -244,8 +266,8 @@ def _markdown(report):
              f"- Evaluation images: {report['eval_images']:,}; normaliser (mean distance between random "
              f"pairs of eval images): {report['normaliser_mean_pair_distance']:.3f}",
              "- Epochs: " + ", ".join(f"{k} {v['epochs']}" for k, v in report["layers"].items()), "",
-             "| reconstruction from | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+             "| reconstruction from | " + " | ".join(title for _, title, _ in _columns(report)) + " |",
+             "|---|" + "---:|" * len(_columns(report))]
     lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in _metric_rows(report)]
     if isinstance(report["top1_agreement"], str):
         lines += ["", f"Top-1 agreement {report['top1_agreement']}."]
@@ -302,7 +324,7 @@ def _optimisation_section(path, cache_hash):
 def _show(report):
     table = Table(title=f"eval metrics ({report['eval_images']:,} images) - {report['encoder_description']}")
     table.add_column("reconstruction from")
-    for _, title, _ in COLUMNS:
+    for _, title, _ in _columns(report):
         table.add_column(title, justify="right")
     for name, cells in _metric_rows(report):
         table.add_row(name, *cells)

@@ -1,7 +1,5 @@
 import zipfile
-
 import pytest
-
 from conftest import TRAIN_PER_CLASS, VAL_PER_CLASS, WNIDS
 from inversion.core import data, splits, synthetic
 from inversion.core.errors import UserError
@@ -76,3 +74,29 @@ def test_a_class_with_too_few_images_is_named_with_its_count(folder_zip, tmp_pat
     with pytest.raises(UserError, match=r"split\.train_per_class: class n00000001 has 10 train images, 11 requested"):
         splits.make_split(data.open_dataset(tmp_path / "shorter.zip"), 0, 1, 3, 11)
 
+
+def test_an_encoder_trained_here_never_sees_an_image_the_decoders_are_evaluated_on(tiny_zip, tmp_path):
+    """With val/: trained on train/ of every class, scored on val/. Without val/: exactly the images every
+    decoder split (any split.num_classes, same seed and eval_per_class) holds out are held out, both ways."""
+    tiny = data.TinyImageNet(tiny_zip)
+    encoder_split = splits.classifier_split(tiny, 0, None, None, 2)
+    assert encoder_split.wnids == sorted(tiny.wnids()) and all(m.startswith("train/") for m, _ in encoder_split.train)
+    assert sorted(m for m, _ in encoder_split.eval) == sorted(m for ms in tiny.val_images().values() for m in ms)
+
+    noval = data.open_dataset(synthetic.write_imagefolder(tmp_path / "noval.zip", 5, 12, 0))
+    for seed in (0, 1):
+        encoder_split = splits.classifier_split(noval, seed, None, None, 3)
+        trained_on, held = {m for m, _ in encoder_split.train}, {m for m, _ in encoder_split.eval}
+        assert not trained_on & held and len(trained_on | held) == 5 * 12
+        decoders_eval = set()
+        for num_classes in range(1, 6):
+            split = splits.make_split(noval, seed, num_classes, 3)
+            evaluated = {m for m, _ in split.eval}
+            assert not evaluated & trained_on  # no decoder-evaluation image is trained on ...
+            decoders_eval |= evaluated
+        assert decoders_eval == held  # ... and nothing else is held out
+    some = splits.classifier_split(noval, 0, 3, 4, 3)
+    assert some.wnids == splits.choose_classes(noval, 0, 3) and len(some.train) == 3 * 4
+    assert some.wnids == splits.make_split(noval, 0, 3, 3).wnids  # the same classes as the decoders' split
+    with pytest.raises(UserError, match=r"encoder_training\.train_per_class: class n0000000\d has 9 training images"):
+        splits.classifier_split(noval, 0, None, 10, 3)
