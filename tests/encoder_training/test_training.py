@@ -12,7 +12,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import Forked, make_cfg, wait_at_batch
+from conftest import Forked, forked_ranks, make_cfg, wait_at_batch
 from inversion.core import console, encoder, encoder_weights
 from inversion.core.errors import UserError
 from inversion.encoder_training import checkpointing, training
@@ -108,3 +108,16 @@ def test_the_pipeline_runs_on_it_through_a_path_and_through_auto_and_every_outpu
         assert set(metrics["top1_true_class"]) == {"original", "flatten"} and "flatten" in metrics["top1_agreement"]
         with Image.open(out / "reconstructions.png") as im:
             assert named in im.info["Title"]
+
+
+def test_two_ranks_train_it_together_and_rank_0_writes_the_file(tiny_zip, tmp_path):
+    """Under torchrun (two Gloo processes as it starts them): each rank trains on its half of every batch, the
+    held-out images are scored across both, and one file is written."""
+    cfg = tiny_cfg(tmp_path, tiny_zip)
+    ranks = forked_ranks(console.run(training.train), cfg)
+    for rank in ranks:
+        assert rank.wait() == 0, rank.text()[-3000:]
+    record = torch.load(tmp_path / "encoders/tiny.pt", weights_only=True)
+    assert [h["images"] for h in record["history"]] == [40, 40] and record["epochs"] == 2
+    torchvision.models.squeezenet1_1(num_classes=5).load_state_dict(record["state_dict"])
+    assert "wrote" in ranks[0].text() and not (tmp_path / "encoders/tiny/in-progress.pt").exists()
