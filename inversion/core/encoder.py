@@ -4,7 +4,6 @@ prepared (encoder_graph.py: where it is tapped).
 Preprocessing is spelled out exactly so anyone can recompute the cached features:
 RGB uint8 SxS -> float in [0, 1] -> bilinear resize to input_size (align_corners=False)
 -> normalisation with the mean/std of the arch's ImageNet weights.
-
 """
 
 import copy

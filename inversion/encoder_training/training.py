@@ -109,12 +109,10 @@ def build(cfg, job, device, fresh):
                                 momentum=cfg["encoder_training.momentum"], nesterov=True)
     guard = checkpointing.guard(cfg, job.dataset["fingerprint"], distributed.world_size())
     last, partial = checkpointing.resume_point(job.out, guard, fresh)
-    if last:
-        model.load_state_dict(last["model"])
-        optimizer.load_state_dict(last["optimizer"])
-    if partial:
-        model.load_state_dict(partial["model"])
-        optimizer.load_state_dict(partial["optimizer"])
+    resumed = partial or last  # an in-progress state continues last.pt's
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
     net = DistributedDataParallel(model) if distributed.launched() else model
     history = last["history"] if last else []
     return SimpleNamespace(model=model, net=net, optimizer=optimizer, guard=guard, history=history,
