@@ -38,7 +38,7 @@ def _render(cfg, cache, layers, num_images):
     recon = {layer: inference.decode(model, cache["eval"][layer], 256, device) for layer, (model, _) in decoders.items()}
 
     normaliser = metrics.pair_distance(originals, cfg["seed"])
-    scores, top1, true_class = _scores(cfg, cache, images, originals, recon, normaliser, device)
+    scores, top1, true_class = _scores(cfg, cache, images, labels, originals, recon, normaliser, device)
     baselines = _baselines(cache, originals, labels, normaliser)
     compared = _compared(cfg, cache, originals, recon, normaliser, device)
 
@@ -101,11 +101,11 @@ def _write(cfg, report, originals, recon, labels, num_images, normaliser, out):
     return [out / "metrics.json", out / "results.md", page]
 
 
-def _scores(cfg, cache, images, originals, recon, normaliser, device):
+def _scores(cfg, cache, images, labels, originals, recon, normaliser, device):
     """({layer: metrics}, {layer: top-1 agreement}, {"original" and layer: top-1 on the true class}; the last
     two empty where skipped) of the reconstructions."""
     scores = {layer: metrics.summarize(originals, r, normaliser) for layer, r in recon.items()}
-    top1, true_class = _top1(cfg, cache.attrs["encoder"], images, recon, device, cache.load("eval", "labels"),
+    top1, true_class = _top1(cfg, cache.attrs["encoder"], images, recon, device, labels,
                              cache.attrs["class_wnids"])
     for layer, value in top1.items():
         scores[layer]["top1_agreement"] = value
