@@ -1,36 +1,16 @@
-"""Inversion by optimisation (Mahendran & Vedaldi, CVPR 2015): the baseline a trained decoder beats.
+"""Inversion by optimisation (Mahendran & Vedaldi, CVPR 2015), the baseline a trained decoder beats: the run
+over the layers, beside the decoders on the same images (the objective and its descent: `objective`).
 
-For target features phi0 (cached), gradient descent over the image x minimises, per image,
-
-    ||phi(x) - phi0||^2 / ||phi0||^2  +  lambda_alpha * R_alpha(x)  +  lambda_tv * TV_beta(x)
-
-Choices, so the two methods answer the same question (docs/optimisation-baseline.md lists which constants are M&V's):
-- x is an RGB image in [0, 1] at the cache's image size S, the space the decoders predict in, and
-  phi is the extraction itself: `encoder.preprocess_float` (bilinear resize to input_size,
-  normalisation) then the layer's tap. The cached image therefore maps onto phi0 exactly (up to
-  cache.dtype), and a reconstruction is compared with its original at the same S.
-- The regularisers see u = (x - mean) / std, the mean-subtracted image scaled by the encoder's own
-  normalisation (M&V regularise the mean-subtracted image brought to a unit-like range), and are
-  means over pixels and channels rather than sums, so a lambda does not depend on S:
-      R_alpha = mean_{c,i,j} |u_cij|^alpha
-      TV_beta = mean_{c,i<H-1,j<W-1} ((u_c,i,j+1 - u_cij)^2 + (u_c,i+1,j - u_cij)^2)^(beta/2)
-- Adam (or SGD with momentum) whose step decays to zero on a cosine; jitter: each step the image
-  is rolled by a seeded random shift of up to `jitter` pixels before the encoder sees it
-  (Mahendran & Vedaldi's IJCV 2016 follow-up), so no single pixel grid is over-fitted.
-- The start is the encoder's mean colour plus small seeded Gaussian noise; the result is clamped
-  to [0, 1] only for metrics and figures, as decoder outputs are.
-- Every setting may differ per layer (`optimisation.layers`), as M&V tune their regularisers per
-  layer; each layer's stored results say which values it used.
-
-All images of a layer form one batch; the objective is the sum of the per-image objectives, so
-an image's gradient does not depend on the batch. Results are stored per layer as they finish
-(`optimisation.json` plus the images in `optimisation/<layer>.npz`), and a re-run with the same
-settings skips finished layers. The objective is stored per iteration and drawn
-(`optimisation_objective.png`), so whether the baseline has stopped falling can be seen, not assumed.
+Every setting may differ per layer (`optimisation.layers`), as M&V tune their regularisers per layer; each
+layer's stored results say which values it used. Results are stored per layer as they finish
+(`optimisation.json` plus the images in `optimisation/<layer>.npz`, `<layer>.from-decoder.npz` for
+`init: decoder`), and a re-run with the same settings skips finished layers; the two starts are two methods
+of one results file, so a run with `init: decoder` after one with `init: mean` keeps both. The objective is
+stored per iteration and drawn (`optimisation_objective.png`), so whether the baseline has stopped falling
+can be seen, not assumed.
 """
 
 import json
-import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,9 +24,13 @@ from inversion.core import (config, encoder, encoder_graph, feature_cache, figur
 from inversion.core.console import Interrupted, Timer, console, progress, summary, warn
 from inversion.core.errors import UserError
 from inversion.core.images import to_hwc, to_target
-from inversion.core.optimisation_results import RESULTS, budget, iterations_text, per_layer
+from inversion.baseline import objective
+from inversion.core.optimisation_results import RESULTS, budget, feature_distance_text, iterations_text, per_layer
 
 FIGURE = "optimisation_vs_decoder"
+# optimisation.init -> the method's name in optimisation.json, and the suffix of its images' file
+METHODS = {"mean": "optimisation", "decoder": "decoder+optimisation"}
+SUFFIXES = {"optimisation": "", "decoder+optimisation": ".from-decoder"}
 OBJECTIVE_FIGURE = "optimisation_objective"
 SPLITS = ("eval", "train")
 
@@ -54,6 +38,13 @@ SPLITS = ("eval", "train")
 def settings(cfg):
     """The optimisation.* keys without their prefix: what results are pinned to."""
     return {key.split(".", 1)[1]: cfg[key] for key in cfg if key.startswith("optimisation.")}
+
+
+def pinned(s):
+    """What stored results must share to be kept: the settings without `init`, which names a method of its
+    own rather than changing one (a run from the decoder keeps the results from the mean)."""
+    layers = {layer: {k: v for k, v in entry.items() if k != "init"} for layer, entry in s.get("layers", {}).items()}
+    return {**{k: v for k, v in s.items() if k != "init"}, "layers": {k: v for k, v in layers.items() if v}}
 
 
 def layer_settings(s, layer):
@@ -67,85 +58,6 @@ def with_iterations(cfg, iterations):
     per_layer = {layer: {k: v for k, v in entry.items() if k != "iterations"}
                  for layer, entry in cfg["optimisation.layers"].items()}
     return {**cfg, "optimisation.iterations": iterations, "optimisation.layers": per_layer}
-
-
-def final_relative_drop(history):
-    """(mean of the second-to-last tenth of the trace - mean of the last tenth) / mean of the last tenth:
-    how much the objective still fell at the end (small = it has stopped falling); None under 2 steps.
-    Under the cosine schedule the last tenth's steps are under 2.5% of lr, so a small value says the
-    run has settled, not that more iterations would not help: compare runs of different lengths for that."""
-    if len(history) < 2:
-        return None
-    n = max(1, len(history) // 10)
-    last, before = float(np.mean(history[-n:])), float(np.mean(history[-2 * n:-n]))
-    return (before - last) / last if last else None
-
-
-def alpha_norm(u, alpha):
-    """Per-image mean of |u|^alpha."""
-    return u.abs().pow(alpha).flatten(1).mean(1)
-
-
-def total_variation(u, beta):
-    """Per-image mean of (dx^2 + dy^2)^(beta/2) over pixels with both a right and a lower neighbour.
-    The clamp keeps the gradient finite at zero differences for beta < 2 (it changes no value above 1e-12)."""
-    dx = u[:, :, :-1, 1:] - u[:, :, :-1, :-1]
-    dy = u[:, :, 1:, :-1] - u[:, :, :-1, :-1]
-    return (dx * dx + dy * dy).clamp_min(1e-12).pow(beta / 2).flatten(1).mean(1)
-
-
-def feature_loss(taps, layer, x, phi0, input_size, arch):
-    """Per-image ||phi(x) - phi0||^2 / ||phi0||^2, through the cache's own preprocessing."""
-    phi = taps(encoder.preprocess_float(x, input_size, arch))[layer].float()
-    return (phi - phi0).pow(2).flatten(1).sum(1) / phi0.pow(2).flatten(1).sum(1).clamp_min(1e-12)
-
-
-def objective(taps, layer, x, phi0, s, input_size, arch, shift=(0, 0), precision="fp32"):
-    """Per-image objective (B,) and its feature term; `shift` rolls x (jitter) before the encoder, which runs
-    in `precision` (the regularisers and the fit's sums stay fp32)."""
-    mean, std = encoder.normalisation_tensors(arch, x.device)
-    u = (x - mean) / std
-    with runtime.autocast(x.device, precision):
-        fit = feature_loss(taps, layer, torch.roll(x, shift, (2, 3)) if any(shift) else x, phi0, input_size, arch)
-    return fit + s["lambda_alpha"] * alpha_norm(u, s["alpha"]) + s["lambda_tv"] * total_variation(u, s["beta"]), fit
-
-
-def invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step=None, precision="fp32"):
-    """Optimise a batch of images towards `phi0` (B, *shape) on phi0's device.
-
-    Returns (images (B, 3, S, S) clamped to [0, 1] on the CPU, {objective: [mean per step],
-    feature_term: [its feature term's mean per step], feature_distance: {start, end}}), the feature
-    distance being the mean relative ||phi(x) - phi0|| / ||phi0|| without jitter.
-    """
-    device = phi0.device
-    generator = torch.Generator().manual_seed(seed)
-    mean, _ = encoder.normalisation_tensors(arch, device)
-    start = mean + s["init_std"] * torch.randn(len(phi0), 3, image_size, image_size, generator=generator).to(device)
-    x = start.clone().requires_grad_(True)
-    if s["optimizer"] == "adam":
-        optimizer = runtime.adam([x], device, lr=s["lr"])
-    else:
-        optimizer = torch.optim.SGD([x], lr=s["lr"], momentum=s["momentum"], fused=device.type in ("cpu", "cuda"))
-    history, fits = [], []
-    for step in range(s["iterations"]):
-        for group in optimizer.param_groups:
-            group["lr"] = s["lr"] * 0.5 * (1 + math.cos(math.pi * step / s["iterations"]))
-        shift = tuple(torch.randint(-s["jitter"], s["jitter"] + 1, (2,), generator=generator).tolist())
-        value, fit = objective(taps, layer, x, phi0, s, input_size, arch, shift, precision)
-        optimizer.zero_grad(set_to_none=True)
-        value.sum().backward()
-        optimizer.step()
-        history.append(value.mean().item())
-        fits.append(fit.mean().item())
-        if not math.isfinite(history[-1]):
-            raise UserError(f"{layer}: the objective became {history[-1]} at step {step + 1}; "
-                            f"try a lower optimisation.lr")
-        if on_step:
-            on_step(step, history[-1])
-    with torch.no_grad():
-        distance = {"start": _distance(taps, layer, start, phi0, input_size, arch),
-                    "end": _distance(taps, layer, x, phi0, input_size, arch)}
-    return x.detach().clamp(0, 1).cpu(), {"objective": history, "feature_term": fits, "feature_distance": distance}
 
 
 def run(cfg, layers=None, num_images=None, fresh=False, split="eval"):
@@ -177,7 +89,7 @@ def _run(cfg, cache, layers, num_images, fresh, split):
     labels, rows, originals, normaliser = _images(cfg, cache, split, num_images)
     job.rows, job.originals, job.normaliser = rows, originals, normaliser
     s = settings(cfg)
-    guard = {"cache_hash": cache.attrs["cache_hash"], "split": split, "rows": rows.tolist(), "settings": s,
+    guard = {"cache_hash": cache.attrs["cache_hash"], "split": split, "rows": rows.tolist(), "settings": pinned(s),
              "seed": cfg["seed"]}
     job.previous = _previous(out, guard, fresh)
     _warn_unused(s, cache.attrs["layers"])
@@ -194,6 +106,7 @@ def _run(cfg, cache, layers, num_images, fresh, split):
     }
     console.print(f"inverting {len(rows)} {split} images from {', '.join(decoders)} by optimisation "
                   f"({per_layer({l: u['iterations'] for l, u in job.used.items()}, 'iterations')}, "
+                  f"{per_layer({l: 'from ' + u['init'] for l, u in job.used.items()}, 'start')}, "
                   f"{per_layer({l: u['optimizer'] for l, u in job.used.items()}, 'optimizer')}) "
                   f"on {runtime.describe_device(device, precision)}")
     computed, pictures = 0, {}
@@ -226,31 +139,43 @@ def _warn_unused(s, cached_layers):
 
 
 def _layer(job, layer, decoder, checkpoint):
-    """One layer: optimised (or read back when a previous run finished it) and decoded, its results stored at
-    once; returns ((decoded, optimised) images, whether it was optimised now)."""
+    """One layer: decoded, then optimised from the start `init` names (or read back when a previous run
+    finished it), its results stored at once beside the other start's; returns ({column: images} of the
+    decoder and each optimisation stored for the layer, whether it was optimised now)."""
     features = _read_rows(job.cache[job.split][layer], job.rows)
-    stored = job.out / "optimisation" / f"{layer}.npz"
-    done = layer in job.previous.get("layers", {}) and stored.exists()
-    if done:
-        console.print(f"{layer}: already optimised ({stored}); --fresh to recompute")
-        optimised = torch.from_numpy(np.load(stored)["images"])
-        entry = job.previous["layers"][layer]["optimisation"]
-    else:
-        phi0 = torch.from_numpy(features).to(job.device).float()
-        optimised, entry = _optimise_layer(job.cfg, job.model, job.arch, layer, phi0, job.originals.shape[-1],
-                                           job.used[layer], job.input_size, job.precision)
-        entry.update(metrics.summarize(job.originals, optimised, job.normaliser))
-        _save_images(stored, optimised)
+    phi0 = torch.from_numpy(features).to(job.device).float()
+    taps = encoder_graph.extractor(job.model, job.arch, [layer]).eval()
     with Timer() as t:
         decoded = inference.decode(decoder, features, 256, job.device)
+    s = job.used[layer]
+    method = METHODS[s["init"]]
+    stored = job.out / "optimisation" / f"{layer}{SUFFIXES[method]}.npz"
+    kept = job.previous.get("layers", {}).get(layer, {})
+    done = method in kept and stored.exists()
+    if done:
+        console.print(f"{layer}: already optimised from the {s['init']} ({stored}); --fresh to recompute")
+        entry = kept[method]
+    else:
+        start = decoded if s["init"] == "decoder" else None
+        optimised, entry = _optimise_layer(job, taps, layer, phi0, s, start)
+        entry.update(metrics.summarize(job.originals, optimised, job.normaliser))
+        _save_images(stored, optimised)
     history = checkpoint["history"]
+    with torch.no_grad():
+        distance = objective.distance(taps, layer, decoded.to(job.device), phi0, job.input_size, job.arch)
     job.result["layers"][layer] = {
+        **kept,
         "decoder": {**metrics.summarize(job.originals, decoded, job.normaliser),
-                    "seconds_per_image": t.seconds / len(job.rows), "epochs": len(history),
-                    "training_seconds": sum(h["seconds"] for h in history)},
-        "optimisation": entry}
+                    "seconds_per_image": t.seconds / len(job.rows), "feature_distance": distance,
+                    "epochs": len(history), "training_seconds": sum(h["seconds"] for h in history)},
+        method: entry}
     _write_json(job.out / RESULTS, _merged(job.result, job.previous, job.cache.attrs["layers"]))
-    return (decoded, optimised), not done
+    pictures = {"decoder": decoded}
+    for name in job.result["layers"][layer]:
+        path = job.out / "optimisation" / f"{layer}{SUFFIXES.get(name, '')}.npz"
+        if name in SUFFIXES and path.exists():
+            pictures[name] = torch.from_numpy(np.load(path)["images"])
+    return pictures, not done
 
 
 def _kept(job, layer):
@@ -262,10 +187,9 @@ def _kept(job, layer):
 
 def _figure(result, originals, pictures, row_labels, out):
     """Each layer's decoder and optimisation side by side, per image."""
-    columns = {}
-    for layer, (decoded, optimised) in pictures.items():
-        columns[f"{layer} decoder"] = to_hwc(decoded)
-        columns[f"{layer} optim."] = to_hwc(optimised)
+    short = {"decoder": "decoder", "optimisation": "optim.", "decoder+optimisation": "decoder+optim."}
+    columns = {f"{layer} {short[method]}": to_hwc(images)
+               for layer, methods in pictures.items() for method, images in methods.items()}
     figures.comparison_grid(to_hwc(originals), columns, row_labels, out / FIGURE, result["encoder_description"],
                             _provenance(result), caption=f"Decoder vs optimisation ({result['split']} images, "
                                                          f"{iterations_text(result)})")
@@ -276,11 +200,12 @@ def _objective_figure(result, out):
     the evidence that the baseline was run until it stopped falling, or that it was not."""
     curves = {}
     for layer, methods in result["layers"].items():
-        entry = methods["optimisation"]
-        if entry.get("objective"):
-            drop = entry.get("final_relative_drop")
-            label = f"{layer} (final drop {drop:.2%})" if drop is not None else layer
-            curves[label] = {"objective": entry["objective"], "feature_term": entry.get("feature_term")}
+        for method, entry in methods.items():
+            if method in SUFFIXES and entry.get("objective"):
+                drop = entry.get("final_relative_drop")
+                label = layer if method == "optimisation" else f"{layer} from decoder"
+                label += f" (final drop {drop:.2%})" if drop is not None else ""
+                curves[label] = {"objective": entry["objective"], "feature_term": entry.get("feature_term")}
     if curves:
         figures.objective_curves(curves, out / OBJECTIVE_FIGURE,
                                  f"Optimisation objective per iteration ({result['split']} images, "
@@ -293,10 +218,10 @@ def _provenance(result):
                        "versions": result["versions"]}, sort_keys=True)
 
 
-def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size, precision="fp32"):
-    """`s`: this layer's own settings (`layer_settings`), stored with its results."""
-    taps = encoder_graph.extractor(model, arch, [layer]).eval()
-    seed = seeds.derive_seed(cfg["seed"], layer)
+def _optimise_layer(job, taps, layer, phi0, s, start=None):
+    """`s`: this layer's own settings (`layer_settings`), stored with its results; `start`: the decoder's
+    reconstructions for `init: decoder`."""
+    seed, image_size = seeds.derive_seed(job.cfg["seed"], layer), job.originals.shape[-1]
     with progress() as bar:
         task = bar.add_task(f"{layer}", total=s["iterations"], rate="")
         t0 = time.perf_counter()
@@ -306,9 +231,10 @@ def _optimise_layer(cfg, model, arch, layer, phi0, image_size, s, input_size, pr
                        rate=f"{(step + 1) / (time.perf_counter() - t0):.2f} it/s")
 
         with Timer() as t:
-            optimised, trace = invert(taps, layer, phi0, image_size, s, input_size, arch, seed, on_step, precision)
+            optimised, trace = objective.invert(taps, layer, phi0, image_size, s, job.input_size, job.arch, seed,
+                                                on_step, job.precision, start)
     history = trace["objective"]
-    drop = final_relative_drop(history)
+    drop = objective.final_relative_drop(history)
     console.print(f"{layer}: objective {history[0]:.4g} -> {history[-1]:.4g} (final relative drop "
                   f"{'-' if drop is None else f'{drop:.2%}'}), relative feature distance "
                   f"{trace['feature_distance']['start']:.3f} -> {trace['feature_distance']['end']:.3f} "
@@ -346,10 +272,6 @@ def _previous(out, guard, fresh):
     return previous
 
 
-def _distance(taps, layer, x, phi0, input_size, arch):
-    return feature_loss(taps, layer, x, phi0, input_size, arch).sqrt().mean().item()
-
-
 def _read_rows(dataset, rows):
     """dataset[rows] for unsorted rows (h5py reads increasing indices only)."""
     order = np.argsort(rows)
@@ -372,11 +294,12 @@ def _write_json(path, data):
 def _show(result):
     table = Table(title=f"decoder vs optimisation ({len(result['images'])} {result['split']} images) - "
                         f"{result['encoder_description']}")
-    for column in ("layer", "method", "norm. error", "MSE", "PSNR (dB)", "SSIM", "s/image", "budget", "final drop"):
+    for column in ("layer", "method", "norm. error", "MSE", "PSNR (dB)", "SSIM", "feat. dist.", "s/image", "budget",
+                   "final drop"):
         table.add_column(column, justify="left" if column in ("layer", "method", "budget") else "right")
     for layer, methods in result["layers"].items():
         for method, m in methods.items():
             table.add_row(layer, method, f"{m['normalized_error']:.3f}", f"{m['mse']:.5f}", f"{m['psnr_db']:.2f}",
-                          f"{m['ssim']:.3f}", f"{m['seconds_per_image']:.4g}",
+                          f"{m['ssim']:.3f}", feature_distance_text(m), f"{m['seconds_per_image']:.4g}",
                           *budget(result, layer, method, short=True))
     console.print(table)

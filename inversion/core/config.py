@@ -102,6 +102,7 @@ SCHEMA = {
     "optimisation.lambda_alpha": (1e-3, _NUM, lambda v: v >= 0, "a number >= 0"),
     "optimisation.lambda_tv": (3.0, _NUM, lambda v: v >= 0, "a number >= 0"),
     "optimisation.jitter": (2, int, lambda v: v >= 0, "an integer >= 0 (pixels)"),
+    "optimisation.init": ("mean", str, lambda v: v in ("mean", "decoder"), "mean or decoder"),
     "optimisation.init_std": (0.01, _NUM, lambda v: v >= 0, "a number >= 0"),
     # {layer: {key: value}}: any optimisation.* key above, for that layer only (M&V tune per layer);
     # each inner value is checked by the key's own check (_check_per_layer).

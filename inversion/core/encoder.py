@@ -122,6 +122,14 @@ def describe(identity):
     return f"{arch} weights from {identity['path']} (sha256 {identity['sha256'][:12]})"
 
 
+def short_name(identity):
+    """A column label for figures that put encoders side by side: random init, ImageNet, trained here, a file."""
+    kind = identity["kind"]
+    if kind == "trained":
+        return f"trained here (top-1 {100 * identity['top1']:.0f} %)"
+    return {"random": "random init", "imagenet": "ImageNet"}.get(kind) or Path(identity["path"]).stem
+
+
 def reload(identity):
     """The encoder a cache was built with, or None where it cannot be had again (file gone or changed)."""
     weights = {"random": "random", "imagenet": "imagenet"}.get(identity["kind"], identity.get("path"))

@@ -26,6 +26,19 @@ def iterations_text(result):
     return per_layer({layer: _used(result, layer)["iterations"] for layer in result["layers"]}, "iterations")
 
 
+def methods(result, layer):
+    """The layer's methods in table order: the decoder, optimisation from the mean, from the decoder."""
+    return [m for m in ("decoder", "optimisation", "decoder+optimisation") if m in result["layers"][layer]]
+
+
+def feature_distance_text(m):
+    """A method's relative feature distance ||phi(x) - phi0|| / ||phi0|| at the inverted layer, formatted:
+    the decoder's reconstructions, or where an optimisation ended ("-" in results stored before it was kept)."""
+    value = m.get("feature_distance")
+    value = value.get("end") if isinstance(value, dict) else value
+    return "-" if value is None else f"{value:.3f}"
+
+
 def budget(result, layer, method, short=False):
     """(budget, final relative drop) cells of a results table: each method's cost beside the other's, the
     decoder's training once for every image, the optimisation's iterations for each image. `short`: for
@@ -37,14 +50,16 @@ def budget(result, layer, method, short=False):
         if short:
             return f"train {m['training_seconds']:.0f} s", "-"
         return f"{m.get('epochs', '?')} epochs, {m['training_seconds']:.0f} s training (once)", "-"
-    drop, iterations = m.get("final_relative_drop"), _used(result, layer)["iterations"]
+    drop, iterations = m.get("final_relative_drop"), _used(result, layer, method)["iterations"]
     return (f"{iterations} it." if short else f"{iterations} iterations, {m['seconds_per_image']:.3g} s/image",
             "-" if drop is None else f"{drop:.2%}")
 
 
-def _used(result, layer):
-    """The settings `layer` was optimised with (results stored before per-layer settings: the global ones)."""
-    return result["layers"][layer]["optimisation"].get("settings", result["settings"])
+def _used(result, layer, method=None):
+    """The settings `layer` was optimised with by `method` (by default its first optimisation); results stored
+    before per-layer settings: the global ones."""
+    method = method or next(m for m in methods(result, layer) if m != "decoder")
+    return result["layers"][layer][method].get("settings", result["settings"])
 
 
 def per_layer(values, name):

@@ -1,5 +1,6 @@
 """Sharpness, and runs side by side: render.py's feature error and high-frequency ratio, other runs' decoders
-on the same cache (`render.compare_with`), and the two figures that compare them.
+(`render.compare_with`) on this cache or on another encoder's cache of the same images, and the two figures
+that compare them.
 
 - Feature error: the reconstructions re-encoded by the cache's own encoder, their normalised distance to the
   originals' features (metrics.feature_error), at the inverted layer and at `loss.comparator`. With perceptual
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inversion.core import encoder, encoder_graph, figures, inference, metrics, optimisation_results
+from inversion.core import (checkpoints, encoder, encoder_graph, feature_cache, figures, inference, metrics,
+                            optimisation_results)
 from inversion.core.console import warn
 from inversion.core.errors import UserError
 from inversion.core.images import to_hwc
@@ -64,15 +66,75 @@ def feature_errors(cfg, cache, originals, recon, device, batch=64):
     return errors
 
 
+# What makes two caches hold the same images in the same order, whatever encoder read them.
+SAME_IMAGES = ("seed", "data.format", "data.image_size", "split.num_classes", "split.eval_per_class",
+               "split.train_per_class")
+
+
 def other_runs(cfg, cache, layers, device):
-    """{output.dir: {layer: reconstructions of the eval split}} of `render.compare_with`, each run's decoders
-    for these layers trained on this very cache (inference.load_decoders refuses others)."""
+    """{output.dir: {"cache": ..., "recon": {layer: reconstructions of the eval split}}} of
+    `render.compare_with`: each run's decoders for these layers, on the cache they were trained on (this
+    one, or another encoder's cache of the same images: `run_cache`). The caller closes the caches that are
+    not `cache`."""
     runs = {}
     for folder in cfg["render.compare_with"]:
-        decoders = inference.load_decoders(dict(cfg, **{"output.dir": folder}), cache, layers)
-        runs[folder] = {layer: inference.decode(model, cache["eval"][layer], 256, device)
-                        for layer, (model, _) in decoders.items()}
+        run_cfg = dict(cfg, **{"output.dir": folder})
+        source = run_cache(run_cfg, cache, layers)
+        decoders = inference.load_decoders(run_cfg, source, layers)
+        runs[folder] = {"cache": source, "recon": {layer: inference.decode(model, source["eval"][layer], 256, device)
+                                                   for layer, (model, _) in decoders.items()}}
     return runs
+
+
+def run_cache(cfg, cache, layers):
+    """The cache the decoders under `cfg['output.dir']` were trained on: `cache`, or a cache under cache.dir
+    made by another encoder from the same images; else a one-line UserError saying what differs."""
+    folder, wanted = cfg["output.dir"], _trained_on(cfg, layers)
+    if wanted in (None, cache.attrs["cache_hash"]):
+        return cache  # load_decoders says what is wrong with missing or damaged checkpoints
+    for path in sorted(Path(cfg["cache.dir"]).glob("features-*.h5")):
+        attrs = None if ".part-" in path.name else feature_cache.read_attrs(path)
+        if attrs and attrs["cache_hash"] == wanted:
+            _check_same_images(cache, attrs, folder, path)
+            feature_cache.check_readable(path, attrs)
+            return feature_cache.Cache(path, attrs)
+    raise UserError(f"render.compare_with: the decoders in {folder} were trained on a cache (hash {wanted[:12]}) "
+                    f"that is not under cache.dir {cfg['cache.dir']}; extract it there again or drop {folder}")
+
+
+def _trained_on(cfg, layers):
+    """The cache hash the first readable decoder checkpoint of `layers` was trained on, or None."""
+    for layer in layers:
+        path = checkpoints.folder(cfg, layer) / checkpoints.BEST
+        if path.exists():
+            try:
+                return checkpoints.load(path, mmap=True)["cache_hash"]
+            except checkpoints.DamagedCheckpoint:
+                continue
+    return None
+
+
+def _check_same_images(cache, attrs, folder, path):
+    here, there = cache.attrs["config"], attrs["config"]
+    for key in SAME_IMAGES:
+        if here[key] != there[key]:
+            raise UserError(f"render.compare_with: {folder} was made on other images than this run ({path}: "
+                            f"{key} {there[key]!r} there, {here[key]!r} here)")
+    if cache.attrs["sources"]["data"] != attrs["sources"]["data"]:
+        raise UserError(f"render.compare_with: {folder} was made on another dataset than this run ({path}: "
+                        f"data fingerprint {attrs['sources']['data'][:12]} there, "
+                        f"{cache.attrs['sources']['data'][:12]} here)")
+
+
+def labels(identities):
+    """{run: its label in figures}: the run's folder, with its encoder's name where the runs' encoders differ,
+    the encoder's name alone where every run has its own."""
+    names = {run: encoder.short_name(identity) for run, identity in identities.items()}
+    if len(set(names.values())) == 1:
+        return {run: _short(run) for run in identities}
+    if len(set(names.values())) == len(names):
+        return names
+    return {run: f"{_short(run)}, {name}" for run, name in names.items()}
 
 
 def optimisation_images(out, cache_hash):
@@ -90,20 +152,22 @@ def optimisation_images(out, cache_hash):
 
 
 def compared_grid(images, rows, row_labels, runs, path, note, provenance=""):
-    """The paper-style grid: the originals, then per layer each run's reconstructions side by side."""
+    """The paper-style grid: the originals, then per layer each run's reconstructions side by side; `runs`
+    is {label: {layer: reconstructions}}."""
     columns = {"original": images[rows]}
     layers = list(dict.fromkeys(layer for recon in runs.values() for layer in recon))
     for layer in layers:
         for name, recon in runs.items():
             if layer in recon:
-                columns[f"{layer}\n{_short(name)}"] = to_hwc(recon[layer][rows])
+                columns[f"{layer}\n{name}"] = to_hwc(recon[layer][rows])
     return figures.image_table(columns, row_labels, path, "Reconstructions of each run, side by side per layer",
                                note, provenance)
 
 
 def spectrum_figure(originals, runs, optimised, path, note, provenance=""):
     """One log-log panel per layer: the radially averaged power spectrum of the originals, of each run's
-    reconstructions and, where stored, of inversion by optimisation (on its own subset of images)."""
+    reconstructions (`runs`: {label: {layer: images}}) and, where stored, of inversion by optimisation (on its
+    own subset of images)."""
     import matplotlib.pyplot as plt  # figures has chosen the Agg backend
     from matplotlib.ticker import NullFormatter
 
@@ -116,7 +180,7 @@ def spectrum_figure(originals, runs, optimised, path, note, provenance=""):
         ax.plot(freqs, reference, "k-", lw=2, label="originals")
         for name, recon in runs.items():
             if layer in recon:
-                ax.plot(freqs, metrics.radial_spectrum(recon[layer])[1], "-", label=_short(name))
+                ax.plot(freqs, metrics.radial_spectrum(recon[layer])[1], "-", label=name)
         if layer in optimised:
             ax.plot(freqs, metrics.radial_spectrum(optimised[layer][1])[1], "--", label="optimisation")
         ax.axvspan(0.25, 0.5, color="0.9", zorder=0)  # the band the high-frequency ratio sums

@@ -40,7 +40,7 @@ def _render(cfg, cache, layers, num_images):
     normaliser = metrics.pair_distance(originals, cfg["seed"])
     scores, top1, true_class = _scores(cfg, cache, images, labels, originals, recon, normaliser, device)
     baselines = _baselines(cache, originals, labels, normaliser)
-    compared = _compared(cfg, cache, originals, recon, normaliser, device)
+    compared = _compared(cfg, cache, images, labels, originals, list(recon), normaliser, device)
 
     provenance = json.dumps({"config_hash": config.digest(cfg), "cache_hash": cache.attrs["cache_hash"],
                              "versions": host.versions()}, sort_keys=True)
@@ -65,6 +65,7 @@ def _render(cfg, cache, layers, num_images):
         "baselines": baselines,
         "comparator": cfg["loss.comparator"],
         "compared_runs": {folder: run["scores"] for folder, run in compared.items()},
+        "compared_encoders": {folder: encoder.describe(run["encoder"]) for folder, run in compared.items()},
         "top1_agreement": top1 or f"skipped: {_top1_reason(cfg, identity)}",
         "top1_true_class": true_class or "skipped: " + (_top1_reason(cfg, identity)
                                                         or "the encoder's classes are not the dataset's"),
@@ -96,8 +97,10 @@ def _write(cfg, report, originals, recon, labels, num_images, normaliser, out):
                        _markdown(report) + _compared_section(report, cfg["output.dir"])
                        + _optimisation_section(out / optimisation_results.RESULTS, report["cache_hash"]))
     rows = figures.choose_rows(labels, num_images, cfg["seed"])  # the comparison grid's images
-    page = webpage.write(out, report, ([title for _, title, _ in _columns(report)], list(_metric_rows(report))), originals[rows],
-                         {layer: r[rows] for layer, r in recon.items()}, labels[rows], normaliser)
+    tables = {"results": ([title for _, title, _ in _columns(report)], list(_metric_rows(report))),
+              "compared": _compared_table(report, cfg["output.dir"]) if report["compared_runs"] else None}
+    page = webpage.write(out, report, tables, originals[rows], {layer: r[rows] for layer, r in recon.items()},
+                         labels[rows], normaliser)
     return [out / "metrics.json", out / "results.md", page]
 
 
@@ -200,8 +203,10 @@ COLUMNS = (("mse", "MSE", "{:.5f}"), ("psnr_db", "PSNR (dB)", "{:.2f}"), ("ssim"
 
 
 def _columns(report):
-    """The metric columns: top-1 on the true class only where the encoder's classes are the dataset's."""
-    return [c for c in COLUMNS if c[0] != "top1_true_class" or isinstance(report.get("top1_true_class"), dict)]
+    """The metric columns: top-1 on the true class only where an encoder's classes are the dataset's."""
+    runs = [report["layers"], *report.get("compared_runs", {}).values()]
+    known = any("top1_true_class" in values for layers in runs for values in layers.values())
+    return [c for c in COLUMNS if c[0] != "top1_true_class" or known]
 
 
 def _metric_rows(report):
@@ -218,20 +223,24 @@ def _cells(values, layer, comparator, columns):
     return [fmt.format(flat[key]) if flat.get(key) is not None else "-" for key, _, fmt in columns]
 
 
-def _compared(cfg, cache, originals, recon, normaliser, device):
-    """`render.compare_with`: {output.dir: {"recon": {layer: images}, "scores": {layer: metrics}}}."""
+def _compared(cfg, cache, images, labels, originals, layers, normaliser, device):
+    """`render.compare_with`: {output.dir: {"recon": {layer: images}, "scores": {layer: metrics}, "encoder":
+    identity}}. A run on another encoder's cache is scored by that encoder (top-1, feature error)."""
     compared = {}
-    for folder, other in comparison.other_runs(cfg, cache, list(recon), device).items():
-        scores = {layer: metrics.summarize(originals, r, normaliser) for layer, r in other.items()}
-        for layer, values in comparison.sharpness(cfg, cache, originals, other, device).items():
-            scores[layer].update(values)
-        compared[folder] = {"recon": other, "scores": scores}
+    for folder, run in comparison.other_runs(cfg, cache, layers, device).items():
+        source = run["cache"]
+        scores, _, _ = _scores(cfg, source, images, labels, originals, run["recon"], normaliser, device)
+        compared[folder] = {"recon": run["recon"], "scores": scores, "encoder": source.attrs["encoder"]}
+        if source is not cache:
+            source.close()
     return compared
 
 
 def _comparison_figures(cfg, cache, originals, recon, compared, num_images, note, provenance, out):
     """spectrum.png always; reconstructions_compared.png with `render.compare_with`."""
-    runs = {cfg["output.dir"]: recon, **{folder: run["recon"] for folder, run in compared.items()}}
+    label = comparison.labels({cfg["output.dir"]: cache.attrs["encoder"],
+                               **{folder: run["encoder"] for folder, run in compared.items()}})
+    runs = {label[cfg["output.dir"]]: recon, **{label[folder]: run["recon"] for folder, run in compared.items()}}
     optimised = comparison.optimisation_images(out, cache.attrs["cache_hash"])
     files = comparison.spectrum_figure(originals, runs, optimised, out / "spectrum", note, provenance)
     if compared:
@@ -243,19 +252,27 @@ def _comparison_figures(cfg, cache, originals, recon, compared, num_images, note
 
 
 def _compared_section(report, this_run):
-    """Every run's metrics in one table, layer by layer."""
+    """Every run's metrics in one table, layer by layer, with the baselines."""
     if not report["compared_runs"]:
         return ""
-    runs = {this_run: report["layers"], **report["compared_runs"]}
-    lines = ["", "## Runs compared (render.compare_with)", "",
-             "| layer | run | " + " | ".join(title for _, title, _ in _columns(report)) + " |",
-             "|---|---|" + "---:|" * len(_columns(report))]
-    for layer in report["layers"]:
-        for run, layers in runs.items():
-            if layer in layers:
-                cells = _cells(layers[layer], layer, report["comparator"], _columns(report))
-                lines.append(f"| {layer} | `{run}` | " + " | ".join(cells) + " |")
+    titles, rows = _compared_table(report, this_run)
+    lines = ["", "## Runs compared (render.compare_with)", "", _markdown_row(titles),
+             _markdown_row(["---"] * 3 + ["---:"] * (len(titles) - 3))]
+    lines += [_markdown_row([layer, f"`{run}`" if run else "-", name, *cells]) for layer, run, name, cells in rows]
     return "\n".join(lines) + "\n"
+
+
+def _compared_table(report, this_run):
+    """(column titles, [(layer, run, encoder, formatted cells)]): each layer's row for every run, then the
+    mean-image and class-mean baselines (they need no encoder)."""
+    runs = {this_run: report["layers"], **report["compared_runs"]}
+    encoders = {this_run: report["encoder_description"], **report.get("compared_encoders", {})}
+    columns = _columns(report)
+    rows = [(layer, run, encoders.get(run, ""), _cells(layers[layer], layer, report["comparator"], columns))
+            for layer in report["layers"] for run, layers in runs.items() if layer in layers]
+    rows += [(f"baseline: {name.replace('_', ' ')}", "", "", _cells(values, None, report["comparator"], columns))
+             for name, values in report["baselines"].items()]
+    return ["layer", "run", "encoder", *[title for _, title, _ in columns]], rows
 
 
 def _markdown(report):
@@ -307,13 +324,15 @@ def _optimisation_section(path, cache_hash):
              "Budget: the decoder's training, once for every image, beside the optimisation's iterations and "
              "seconds for each image; final drop: how much the objective still fell over the last tenth "
              "of the iterations.", "",
-             "| layer | method | norm. error | MSE | PSNR (dB) | SSIM | seconds per image | budget | final drop |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+             "| layer | method | norm. error | MSE | PSNR (dB) | SSIM | feature distance | seconds per image | budget "
+             "| final drop |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for layer, methods in result["layers"].items():
-        for method in ("decoder", "optimisation"):
+        for method in optimisation_results.methods(result, layer):
             m = methods[method]
             lines.append(f"| {layer} | {method} | {m['normalized_error']:.3f} | {m['mse']:.5f} | {m['psnr_db']:.2f} "
-                         f"| {m['ssim']:.3f} | {m['seconds_per_image']:.4g} | "
+                         f"| {m['ssim']:.3f} | {optimisation_results.feature_distance_text(m)} "
+                         f"| {m['seconds_per_image']:.4g} | "
                          + " | ".join(optimisation_results.budget(result, layer, method)) + " |")
     lines += ["", f"![decoder vs optimisation]({result['figure']})"]
     if (path.parent / str(result.get("objective_figure", ""))).is_file():

@@ -6,7 +6,7 @@ already holds: the metrics.json dict, the figure files it just wrote, and the co
 with their reconstructions (the per-image section; nothing is decoded again).
 
 Sections, top to bottom: the encoder and provenance (a random-init encoder in a warning box), the results
-table, loss curves, the comparison grid, per-layer grids, the analyses and the optimisation baseline when
+table, the compared runs' table (`render.compare_with`), loss curves, the comparison grid, per-layer grids, the analyses and the optimisation baseline when
 present, and one row per grid image: its class, the original and every layer's reconstruction with its error.
 """
 
@@ -36,12 +36,12 @@ dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; } dd
 """
 
 
-def write(out, report, table, originals, reconstructions, labels, normaliser):
-    """Write the page into `out`; returns its path. `table` is results.md's: (column titles, [(row name,
-    formatted cells)]). `originals` (N, 3, S, S) float in [0, 1] and `reconstructions` {layer: (N, 3, S,
+def write(out, report, tables, originals, reconstructions, labels, normaliser):
+    """Write the page into `out`; returns its path. `tables` holds results.md's: "results" (column titles,
+    [(row name, formatted cells)]) and "compared" (titles, [(layer, run, encoder, cells)]) or None. `originals` (N, 3, S, S) float in [0, 1] and `reconstructions` {layer: (N, 3, S,
     S)} are the comparison grid's images, `labels` their classes."""
     out = Path(out)
-    parts = [_header(report), _results(report, table)]
+    parts = [_header(report), _results(report, tables["results"]), _compared(tables["compared"])]
     figures = [out / name for name in report["figures"] if name.endswith(".png")]
     parts.append(_figures("Loss curves", [f for f in figures if f.name.startswith("loss_")]))
     parts.append(_figures("Comparison grid", [f for f in figures if f.name == "reconstructions.png"]))
@@ -92,6 +92,18 @@ def _results(report, table):
             + "".join(f"<th>{_e(title)}</th>" for title in titles) + "</tr>\n" + body + "</table>\n" + note)
 
 
+def _compared(table):
+    """`render.compare_with`'s table: every run's row per layer, then the baselines."""
+    if not table:
+        return ""
+    titles, rows = table
+    body = "".join("<tr>" + "".join(f"<td>{_e(text)}</td>" for text in (layer, run, name))
+                   + "".join(f"<td class=\"num\">{_e(cell)}</td>" for cell in cells) + "</tr>\n"
+                   for layer, run, name, cells in rows)
+    return ("<h2 id=\"compared\">Runs compared</h2>\n<table class=\"results\">\n<tr>"
+            + "".join(f"<th>{_e(title)}</th>" for title in titles) + "</tr>\n" + body + "</table>")
+
+
 def _figures(title, paths):
     if not paths:
         return ""
@@ -122,17 +134,18 @@ def _optimisation(out, cache_hash):
     rows = "".join(
         f"<tr><th scope=\"row\">{_e(layer)}</th><td>{method}</td>"
         + "".join(f"<td class=\"num\">{m[key]:{fmt}}</td>" for key, fmt in
-                  (("normalized_error", ".3f"), ("mse", ".5f"), ("psnr_db", ".2f"), ("ssim", ".3f"),
-                   ("seconds_per_image", ".4g")))
+                  (("normalized_error", ".3f"), ("mse", ".5f"), ("psnr_db", ".2f"), ("ssim", ".3f")))
+        + f"<td class=\"num\">{optimisation_results.feature_distance_text(m)}</td>"
+        + f"<td class=\"num\">{m['seconds_per_image']:.4g}</td>"
         + "".join(f"<td>{_e(cell)}</td>" for cell in optimisation_results.budget(result, layer, method)) + "</tr>\n"
         for layer, methods in result["layers"].items() for method, m in
-        ((method, methods[method]) for method in ("decoder", "optimisation")))
+        ((method, methods[method]) for method in optimisation_results.methods(result, layer)))
     found = [out / str(result[key]) for key in ("figure", "objective_figure") if result.get(key)]
     found = [figure for figure in found if figure.is_file()]
     return (f"<h2>Decoder vs inversion by optimisation</h2>\n<p>The same {len(result['images'])} eval images, "
             f"{_e(optimisation_results.iterations_text(result))} (Mahendran &amp; Vedaldi 2015).</p>\n<table>\n"
             "<tr><th>layer</th><th>method</th><th>norm. error</th><th>MSE</th><th>PSNR (dB)</th><th>SSIM</th>"
-            f"<th>seconds per image</th><th>budget</th><th>final drop</th></tr>\n{rows}</table>\n"
+            f"<th>feature distance</th><th>seconds per image</th><th>budget</th><th>final drop</th></tr>\n{rows}</table>\n"
             + _figures("Decoder vs optimisation", found))
 
 

@@ -4,6 +4,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -11,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import Forked, make_cfg, pixel_size
-from inversion.baseline import optimisation
-from inversion.core import config, console, encoder, encoder_graph, feature_cache, figures
+from inversion.baseline import objective, optimisation
+from inversion.core import config, console, encoder, feature_cache, figures
 from inversion.core.errors import UserError
 from inversion.extract import extraction
 from inversion.render import report
@@ -27,46 +28,12 @@ def trained(trained):
     return dict(trained, **{"optimisation.iterations": 3, "optimisation.layers": {}})  # no per-layer 800 for conv5 and fc6
 
 
-def test_regularisers_against_hand_computed_values():
-    u = torch.tensor([[[[1.0, -2.0], [3.0, 5.0]]]])  # one image, one channel, 2x2
-    assert optimisation.alpha_norm(u, 2).item() == pytest.approx((1 + 4 + 9 + 25) / 4)
-    assert optimisation.alpha_norm(u, 6).item() == pytest.approx((1 + 64 + 729 + 15625) / 4)
-    # only the top-left pixel has both neighbours: dx = -2 - 1, dy = 3 - 1
-    assert optimisation.total_variation(u, 2).item() == pytest.approx(9 + 4)
-    assert optimisation.total_variation(u, 1).item() == pytest.approx(13 ** 0.5)
-    v = torch.arange(9.0).view(1, 1, 3, 3)  # dx = 1 and dy = 3 at each of the 4 valid pixels
-    assert optimisation.total_variation(v, 2).item() == pytest.approx(10)
-    flat = torch.full((2, 3, 4, 4), 0.7)
-    assert optimisation.total_variation(flat, 2).abs().max().item() < 1e-9
-    assert optimisation.alpha_norm(flat, 6).tolist() == pytest.approx([0.7 ** 6] * 2)
-
-
-def test_objective_decreases_on_a_tiny_problem():
-    model, _ = encoder.load("alexnet", "random", seed=0)
-    taps = encoder_graph.extractor(model, "alexnet", ["conv2"]).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        phi0 = taps(encoder.preprocess_float(torch.rand(2, 3, 16, 16), 64))["conv2"]
-    s = _settings(config.defaults(), iterations=15, jitter=0)  # no jitter: 15 steps on a 16-px image
-    _, trace = optimisation.invert(taps, "conv2", phi0, 16, s, 64, "alexnet", seed=0)
-    assert trace["objective"][-1] < 0.7 * trace["objective"][0]
-    assert len(trace["objective"]) == len(trace["feature_term"]) == 15
-    assert all(0 < f < o for f, o in zip(trace["feature_term"], trace["objective"]))  # the regularisers are > 0
-
-
 def test_the_iterations_option_sets_every_layer_even_with_its_own_entry():
     cfg = optimisation.with_iterations(config.defaults(), 7)  # the defaults give conv5 its own 800
     assert {layer: optimisation.layer_settings(optimisation.settings(cfg), layer)["iterations"]
             for layer in ("conv2", "conv5", "fc6")} == {"conv2": 7, "conv5": 7, "fc6": 7}
     assert cfg["optimisation.layers"]["conv5"] == {"lambda_tv": 0.3}  # the rest of the entry stays
     assert config.defaults()["optimisation.layers"]["conv5"]["iterations"] == 800
-
-
-def test_final_relative_drop_compares_the_last_two_tenths():
-    assert optimisation.final_relative_drop([9.0] * 16 + [3.0, 3.0, 2.0, 2.0]) == pytest.approx(0.5)
-    assert optimisation.final_relative_drop([5.0, 4.0, 2.0]) == pytest.approx(1.0)  # under 20 steps: the last two
-    assert optimisation.final_relative_drop([1.0] * 30) == 0
-    assert optimisation.final_relative_drop([1.0]) is None
 
 
 def test_layer_settings_put_a_layers_entry_over_the_global_values():
@@ -79,21 +46,6 @@ def test_layer_settings_put_a_layers_entry_over_the_global_values():
     assert optimisation.iterations_text(stored) == "7 iterations"  # results stored before per-layer settings
     stored["layers"]["fc8"]["optimisation"]["settings"] = {"iterations": 30}
     assert optimisation.iterations_text(stored) == "iterations conv5 7, fc8 30"
-
-
-def test_features_move_toward_the_cached_target(built):
-    """Random-init encoder, real cached features of a few eval images, the cache's own preprocessing."""
-    cfg, path = built
-    with feature_cache.open_for(cfg) as cache:
-        phi0 = torch.from_numpy(cache["eval"]["conv5"][:3]).float()
-        size = cache["eval"]["images"].shape[1]
-        model = encoder.reload(cache.attrs["encoder"])
-    taps = encoder_graph.extractor(model, "alexnet", ["conv5"]).eval()
-    images, trace = optimisation.invert(taps, "conv5", phi0, size, _settings(cfg, iterations=25),
-                                        cfg["encoder.input_size"], "alexnet", seed=0)
-    distance = trace["feature_distance"]
-    assert distance["end"] < 0.6 * distance["start"], distance
-    assert images.shape == (3, 3, size, size) and 0 <= images.min() and images.max() <= 1
 
 
 def test_preprocess_float_is_the_extraction_pipeline():
@@ -123,8 +75,8 @@ def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained
 
     computed = []
     real = optimisation._optimise_layer
-    monkeypatch.setattr(optimisation, "_optimise_layer", lambda cfg, m, a, layer, *rest: (
-        computed.append(layer), real(cfg, m, a, layer, *rest))[1])
+    monkeypatch.setattr(optimisation, "_optimise_layer", lambda job, taps, layer, *rest: (
+        computed.append(layer), real(job, taps, layer, *rest))[1])
     result = optimisation.run(cfg, ["conv5", "fc8"], num_images=2)
     assert computed == ["fc8"]  # conv5 was finished: not recomputed
     saved = json.loads((out / "optimisation.json").read_text())
@@ -172,8 +124,8 @@ def test_per_layer_settings_are_used_stored_traced_and_drawn(trained, tmp_path, 
     per_layer = {"fc8": {"iterations": 5, "jitter": 2}, "conv1": {"lr": 0.01}}  # conv1: not in the cache
     cfg = dict(trained, **{"output.dir": str(tmp_path), "optimisation.layers": per_layer, "optimisation.jitter": 0})
     used = []
-    real = optimisation.invert
-    monkeypatch.setattr(optimisation, "invert", lambda taps, layer, phi0, size, s, *rest, **kw: (
+    real = objective.invert
+    monkeypatch.setattr(objective, "invert", lambda taps, layer, phi0, size, s, *rest, **kw: (
         used.append((layer, s)), real(taps, layer, phi0, size, s, *rest, **kw))[1])
     optimisation.run(cfg, ["conv5", "fc8"], num_images=2)
     assert "conv1, which this cache does not hold" in capsys.readouterr().err
@@ -187,7 +139,7 @@ def test_per_layer_settings_are_used_stored_traced_and_drawn(trained, tmp_path, 
         assert entry["settings"]["lr"] == trained["optimisation.lr"] and "layers" not in entry["settings"]
         assert len(entry["objective"]) == len(entry["feature_term"]) == iterations
         assert entry["objective"][0] == pytest.approx(entry["objective_start"], rel=1e-5)
-        assert entry["final_relative_drop"] == pytest.approx(optimisation.final_relative_drop(entry["objective"]),
+        assert entry["final_relative_drop"] == pytest.approx(objective.final_relative_drop(entry["objective"]),
                                                              rel=1e-4, abs=1e-6)
     with Image.open(tmp_path / "optimisation_objective.png") as im:
         assert im.size == pixel_size(figures.OBJECTIVE_INCHES)
@@ -209,7 +161,7 @@ def test_sigterm_keeps_the_finished_layers_and_a_rerun_does_the_rest(trained, tm
     started = tmp_path / "started"
 
     def stopped_in_fc8():
-        invert = optimisation.invert
+        invert = objective.invert
 
         def inverting(taps, layer, *args, **kwargs):
             if layer == "fc8":
@@ -217,7 +169,7 @@ def test_sigterm_keeps_the_finished_layers_and_a_rerun_does_the_rest(trained, tm
                 while True:
                     time.sleep(0.01)  # SIGTERM interrupts this
             return invert(taps, layer, *args, **kwargs)
-        optimisation.invert = inverting
+        objective.invert = inverting
         console.run(optimisation.run)(cfg, ["conv5", "fc8"], 2)
     child = Forked(stopped_in_fc8)
     child.wait_for(started)
@@ -227,10 +179,33 @@ def test_sigterm_keeps_the_finished_layers_and_a_rerun_does_the_rest(trained, tm
                                                      f"fc8's optimisation was dropped; re-run the same command to continue")
     assert list(json.loads((tmp_path / "optimisation.json").read_text())["layers"]) == ["conv5"]
     computed, real = [], optimisation._optimise_layer
-    monkeypatch.setattr(optimisation, "_optimise_layer", lambda cfg, m, a, layer, *rest: (
-        computed.append(layer), real(cfg, m, a, layer, *rest))[1])
+    monkeypatch.setattr(optimisation, "_optimise_layer", lambda job, taps, layer, *rest: (
+        computed.append(layer), real(job, taps, layer, *rest))[1])
     assert list(optimisation.run(cfg, ["conv5", "fc8"], num_images=2)["layers"]) == ["conv5", "fc8"]
     assert computed == ["fc8"]
+
+
+def test_optimisation_from_the_decoder_is_a_third_method_beside_the_other_two(trained, tmp_path, monkeypatch):
+    """init: decoder starts from the decoder's reconstruction (the feature distance it starts at is the
+    decoder's), is stored beside the run from the mean instead of replacing it, and is drawn beside both."""
+    (tmp_path / "decoders").symlink_to(Path(trained["output.dir"]) / "decoders", target_is_directory=True)
+    cfg = dict(trained, **{"output.dir": str(tmp_path), "optimisation.iterations": 3, "optimisation.layers": {}})
+    optimisation.run(cfg, ["fc8"], num_images=2)
+    starts, real = [], objective.invert
+    monkeypatch.setattr(objective, "invert", lambda *args, **kw: (starts.append(args[-1]), real(*args, **kw))[1])
+    result = optimisation.run(dict(cfg, **{"optimisation.init": "decoder"}), ["fc8"], num_images=2)
+    entry = result["layers"]["fc8"]
+    assert set(entry) == {"decoder", "optimisation", "decoder+optimisation"}
+    assert entry["decoder+optimisation"]["settings"]["init"] == "decoder"
+    assert entry["decoder+optimisation"]["feature_distance"]["start"] == pytest.approx(
+        entry["decoder"]["feature_distance"], rel=1e-4)
+    with np.load(tmp_path / "optimisation" / "fc8.npz") as mean_start:  # the mean start's images are kept
+        assert len(mean_start["images"]) == 2
+    assert len(starts) == 1 and starts[0] is not None and len(starts[0]) == 2
+    with Image.open(tmp_path / "optimisation_vs_decoder.png") as im:
+        assert im.size == pixel_size(figures.comparison_inches(2, 4))  # original + three methods
+    section = report._optimisation_section(tmp_path / "optimisation.json", result["cache_hash"])
+    assert "| fc8 | decoder+optimisation |" in section and section.count("| fc8 |") == 3
 
 
 def test_command_line_errors_are_one_line(built, tmp_path):

@@ -91,11 +91,10 @@ def test_the_optimisation_baseline_appears_only_for_this_cache(tmp_path):
                "analysis_claims": [], "versions": {"torch": "x"}, "figures": [],
                "classes": [{"label": 0, "wnid": "n0", "name": "cat"}]}
     images = torch.rand(1, 3, 8, 8)
-    text = webpage.write(tmp_path, metrics, (["MSE"], [("conv5", ["0.10000"])]), images, {"conv5": images},
-                         np.array([0]), 1.0).read_text()
+    tables = {"results": (["MSE"], [("conv5", ["0.10000"])]), "compared": None}
+    text = webpage.write(tmp_path, metrics, tables, images, {"conv5": images}, np.array([0]), 1.0).read_text()
     assert "Decoder vs inversion by optimisation" in text and "7 iterations" in text
     assert 'class="encoder random"' not in text and "error 0.000" in text
     metrics["cache_hash"] = "another cache"
-    text = webpage.write(tmp_path, metrics, (["MSE"], [("conv5", ["0.10000"])]), images, {"conv5": images},
-                         np.array([0]), 1.0).read_text()
+    text = webpage.write(tmp_path, metrics, tables, images, {"conv5": images}, np.array([0]), 1.0).read_text()
     assert "Decoder vs inversion by optimisation" not in text
