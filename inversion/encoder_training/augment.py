@@ -26,12 +26,18 @@ def crop_boxes(n, size, scale, generator):
 
 
 def training_batch(images, input_size, scale, arch, generator, device):
-    """uint8 (B, S, S, 3) -> float (B, 3, input_size, input_size): cropped, resized, flipped, normalised."""
-    x = images.to(device).permute(0, 3, 1, 2).float().div_(255)
-    boxes = crop_boxes(len(x), x.shape[-1], scale, generator).to(device)
-    rois = torch.cat([torch.arange(len(x), device=device, dtype=x.dtype)[:, None], boxes], 1)
-    x = roi_align(x, rois, output_size=input_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    """uint8 (B, S, S, 3) -> float (B, 3, input_size, input_size): cropped, resized, flipped, normalised.
+    Normalised and flipped at the stored size S, before the resize: both commute with it (a bilinear sample is
+    a weighted mean, and a mirrored crop of the mirrored image is the mirrored crop), and at 64 px they touch
+    a sixth of the pixels they would at 160. One sample per output pixel (`sampling_ratio=1`): plain bilinear
+    interpolation, as extraction resizes, where four per pixel cost three times as much for a slight blur."""
+    mean, std = encoder.normalisation_tensors(arch, device)
+    x = (images.to(device).permute(0, 3, 1, 2).float().div_(255) - mean) / std
+    size = x.shape[-1]
+    boxes = crop_boxes(len(x), size, scale, generator).to(device)
     flip = (torch.rand(len(x), generator=generator) < 0.5).to(device)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    mean, std = encoder.normalisation_tensors(arch, device)
-    return (x - mean) / std
+    mirrored = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], 1)
+    boxes = torch.where(flip[:, None], mirrored, boxes)
+    rois = torch.cat([torch.arange(len(x), device=device, dtype=x.dtype)[:, None], boxes], 1)
+    return roi_align(x, rois, output_size=input_size, spatial_scale=1.0, sampling_ratio=1, aligned=True)

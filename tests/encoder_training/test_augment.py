@@ -30,3 +30,22 @@ def test_a_batch_is_resized_flipped_half_the_time_normalised_and_seeded():
     assert 0.4 < rightward < 0.6  # half flipped
     again = augment.training_batch(images, 96, (1.0, 1.0), "alexnet", torch.Generator().manual_seed(1), torch.device("cpu"))
     assert torch.equal(x, again)
+
+
+def test_flipping_and_normalising_before_the_resize_is_resizing_first():
+    """The batch equals the plain order, crop and resize (bilinear) then flip then normalise, image by image."""
+    import torch.nn.functional as F
+
+    images = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
+    x = augment.training_batch(images, 112, (0.35, 1.0), "alexnet", torch.Generator().manual_seed(2), "cpu")
+    generator = torch.Generator().manual_seed(2)  # the same draws in the same order: boxes, then flips
+    boxes = augment.crop_boxes(6, 64, (0.35, 1.0), generator)
+    flip = torch.rand(6, generator=generator) < 0.5
+    mean, std = encoder.normalisation_tensors("alexnet", "cpu")
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        ys, xs = (torch.linspace(a, b, 113)[:-1] + (b - a) / 224 for a, b in ((y0, y1), (x0, x1)))  # pixel centres
+        grid = torch.stack(torch.meshgrid(xs / 32 - 1, ys / 32 - 1, indexing="xy"), -1)[None]
+        plain = F.grid_sample(images[i:i + 1].permute(0, 3, 1, 2).float() / 255, grid, padding_mode="border",
+                              align_corners=False)
+        plain = (plain.flip(-1) if flip[i] else plain) - mean
+        assert torch.allclose(x[i:i + 1], plain / std, atol=1e-4), i
