@@ -54,7 +54,7 @@ def print_nodes(cfg, all_nodes=False):
     hidden = len(listed) - len(shown)
     console.console.print(f"{len(shown)} of {len(listed)} nodes listed"
                           + (f"; {hidden} more are not one per-image tensor in a layout a decoder reads "
-                             f"(--all-nodes shows them and why)" if hidden else ""), soft_wrap=True)
+                             f"(--all-nodes shows them and why)" if hidden else ""))
 
 
 def print_caches(cfg):
@@ -82,7 +82,7 @@ def print_caches(cfg):
     console.console.print(table)
     console.console.print(f"{len(entries)} caches, {storage.size_text(sum(e['bytes'] for e in entries))}; "
                           + (f"this config's: {mine}" if any(e["name"] == mine for e in entries)
-                             else f"this config's ({mine}) is not built yet"), soft_wrap=True)
+                             else f"this config's ({mine}) is not built yet"))
 
 
 if __name__ == "__main__":

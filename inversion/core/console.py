@@ -17,8 +17,10 @@ from inversion.core.errors import UserError
 # Under torchrun only rank 0 talks; errors and per-rank summaries come from every rank, prefixed.
 RANK = int(os.environ.get("RANK", "0"))
 PREFIX = f"rank {RANK}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-console = Console(stderr=True, highlight=False, quiet=RANK != 0)
-_every_rank = Console(stderr=True, highlight=False)
+# soft_wrap: a line is never broken at the console's width (80 columns where it is a file or a pipe), so a
+# log reads and greps as it was printed; tables and progress bars still fit the width.
+console = Console(stderr=True, highlight=False, quiet=RANK != 0, soft_wrap=True)
+_every_rank = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ConfigOption = typer.Option(Path("config.yaml"), "--config", help="YAML config file.")
 SetOption = typer.Option([], "--set", help="Override a config key: dotted.key=value (YAML scalar). Repeatable.")
@@ -41,12 +43,11 @@ def rate_text(done, seconds, unit):
 def summary(what, items, seconds, unit, extra="", every_rank=False):
     """The one line every long step ends with."""
     line = f"{what}: {items:,} {unit} in {seconds:.1f} s ({items / max(seconds, 1e-9):,.1f} {unit}/s)"
-    (_every_rank if every_rank else console).print(PREFIX * every_rank + line + (f", {extra}" if extra else ""),
-                                                   soft_wrap=True)
+    (_every_rank if every_rank else console).print(PREFIX * every_rank + line + (f", {extra}" if extra else ""))
 
 
 def warn(message):
-    console.print(f"[bold yellow]WARNING[/]: {message}", soft_wrap=True)
+    console.print(f"[bold yellow]WARNING[/]: {message}")
 
 
 def run(fn):
@@ -58,13 +59,13 @@ def run(fn):
             try:
                 return fn(*args, **kwargs)
             except UserError as e:
-                _every_rank.print(f"{PREFIX}[bold red]error[/]: {e}", soft_wrap=True)
+                _every_rank.print(f"{PREFIX}[bold red]error[/]: {e}")
                 raise typer.Exit(2)
             except KeyboardInterrupt as e:
                 kept = str(e) if isinstance(e, Interrupted) and str(e) else "completed work is kept"
                 how = signal.SIGTERM if signal.SIGTERM in _received else signal.SIGINT
                 console.print(f"interrupted by {'SIGTERM' if how == signal.SIGTERM else 'Ctrl-C'}: {kept}; "
-                              f"re-run the same command to continue", soft_wrap=True, markup=False)
+                              f"re-run the same command to continue", markup=False)
                 raise typer.Exit(128 + how)
     return wrapper
 

@@ -40,7 +40,7 @@ def prepare(cfg):
         shapes = {layer: shape for layer, (shape, _) in found.items()}
         located = data.locate(cfg["data.path"], cfg["data.format"])
         dataset = data.open_dataset(located, cfg["data.format"])
-        console.print(f"data: {dataset.describe()}", soft_wrap=True)
+        console.print(f"data: {dataset.describe()}")
         split = splits.make_split(dataset, cfg["seed"], cfg["split.num_classes"],
                                   cfg["split.eval_per_class"], cfg["split.train_per_class"])
         _show_classes(split, cfg["seed"])
@@ -66,7 +66,7 @@ def prepare(cfg):
         kept = feature_cache.compression_of(existing)
         other = "" if kept == cfg["cache.compression"] else f"; cache.compression={cfg['cache.compression']} applies to new caches"
         console.print(f"cache hit: {path} ({path.stat().st_size / 2**20:,.1f} MiB, compression {kept}{other}, "
-                      f"checked in {timer.seconds:.1f} s)", soft_wrap=True)
+                      f"checked in {timer.seconds:.1f} s)")
     elif unrecorded:
         warn(f"{path} does not record how its layers are laid out; rebuilding it")
     elif existing:
@@ -143,7 +143,7 @@ def _extract_into(cfg, job, target, items, attrs, world=1):
     console.print(f"extracting {', '.join(layers)} on {runtime.describe_device(device)}, batch {batch_size}, "
                   f"compression {writer.compression}, "
                   f"decoding in {workers} {'thread' if workers == 1 else 'processes'}"
-                  + (f", {world} ranks (rate shown: this rank's x {world})" if world > 1 else ""), soft_wrap=True)
+                  + (f", {world} ranks (rate shown: this rank's x {world})" if world > 1 else ""))
     finished = False
     try:
         with Timer() as timer, progress() as bar, data.BatchDecoder(job.dataset, image_size, workers) as decoder, \
@@ -205,7 +205,7 @@ def _show_size(shapes, images, image_size, dtype):
     total = feature_cache.expected_bytes(shapes, images, image_size, dtype)
     console.print(f"expected cache size: {total / 2**20:,.1f} MiB for {images:,} images; per image: "
                   f"{image_size}x{image_size} image {image_size * image_size * 3 / 1024:,.1f} KiB, "
-                  + ", ".join(f"{layer} {b / 1024:,.1f} KiB" for layer, b in per_image.items()), soft_wrap=True)
+                  + ", ".join(f"{layer} {b / 1024:,.1f} KiB" for layer, b in per_image.items()))
 
 
 def _show_classes(split, seed):
