@@ -279,7 +279,7 @@ def claims(table, baseline_error, pretrained):
         sentences.append("**fc8's small scores**: not tested (fc8 not rendered).")
 
     if pretrained:
-        sentences.append("The encoder is pretrained, but these decoders are small, briefly trained and work at "
+        sentences.append("The encoder is a trained network, but these decoders are small, briefly trained and work at "
                          "Tiny ImageNet's resolution: agreement or disagreement here is indicative, not a replication.")
     else:
         sentences.append("**The encoder is a random-init network**: whatever these numbers say is about random "
