@@ -25,12 +25,12 @@ from inversion.core.console import Interrupted, Timer, console, progress, summar
 from inversion.core.errors import UserError
 from inversion.core.images import to_hwc, to_target
 from inversion.baseline import objective
-from inversion.core.optimisation_results import RESULTS, budget, feature_distance_text, iterations_text, per_layer
+from inversion.core.optimisation_results import (OPTIMISATIONS, RESULTS, budget, feature_distance_text, iterations_text,
+                                                 per_layer)
 
 FIGURE = "optimisation_vs_decoder"
-# optimisation.init -> the method's name in optimisation.json, and the suffix of its images' file
-METHODS = {"mean": "optimisation", "decoder": "decoder+optimisation"}
-SUFFIXES = {"optimisation": "", "decoder+optimisation": ".from-decoder"}
+# each optimisation's images file: optimisation/<layer><suffix>.npz
+SUFFIXES = {OPTIMISATIONS["mean"]: "", OPTIMISATIONS["decoder"]: ".from-decoder"}
 OBJECTIVE_FIGURE = "optimisation_objective"
 SPLITS = ("eval", "train")
 
@@ -148,7 +148,7 @@ def _layer(job, layer, decoder, checkpoint):
     with Timer() as t:
         decoded = inference.decode(decoder, features, 256, job.device)
     s = job.used[layer]
-    method = METHODS[s["init"]]
+    method = OPTIMISATIONS[s["init"]]
     stored = job.out / "optimisation" / f"{layer}{SUFFIXES[method]}.npz"
     kept = job.previous.get("layers", {}).get(layer, {})
     done = method in kept and stored.exists()

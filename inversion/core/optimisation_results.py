@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 RESULTS = "optimisation.json"
+# optimisation.init -> the name its optimisation has among a layer's methods, beside "decoder"
+OPTIMISATIONS = {"mean": "optimisation", "decoder": "decoder+optimisation"}
 
 
 def stored(path, cache_hash):
@@ -28,7 +30,7 @@ def iterations_text(result):
 
 def methods(result, layer):
     """The layer's methods in table order: the decoder, optimisation from the mean, from the decoder."""
-    return [m for m in ("decoder", "optimisation", "decoder+optimisation") if m in result["layers"][layer]]
+    return [m for m in ("decoder", *OPTIMISATIONS.values()) if m in result["layers"][layer]]
 
 
 def feature_distance_text(m):
