@@ -87,6 +87,7 @@ class Objective:
 
     def __init__(self, cfg, cache, layer, device, precision="fp32"):
         self.precision = precision  # every network's forward under it (runtime.autocast); losses in fp32
+        self.grad_clip = cfg["train.grad_clip"]
         self.weights = {name: cfg[f"loss.{name}"] for name in ("pixel", "feature", "adversarial")}
         self.node = cfg["loss.comparator"]
         self.cached = self.node in cache.attrs["layers"]
@@ -147,6 +148,8 @@ class Objective:
         optimizer.zero_grad(set_to_none=True)
         (loss * weight).backward()
         if train_g:
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
             optimizer.step()
         # every rank decides the same pauses: from the losses summed over ranks
         d_sum, g_sum, n = distributed.all_sum([d_loss.item() * len(x), g_adv.item() * len(x), len(x)], out.device)

@@ -119,7 +119,8 @@ def train_epoch(cfg, run, data, epoch, schedule, boundaries, best, log, partial,
     before = partial["seconds"] if partial else 0.0
     after_step = boundaries.after_step(epoch, skip, lr, lambda: before + time.perf_counter() - t0)
     train_loss, seen = train_one_epoch(run.net, run.optimizer, schedule, batches, device,
-                                       _advance(run.bar, run.task, t0), run.objective, after_step, sums, run.precision)
+                                       _advance(run.bar, run.task, t0), run.objective, after_step, sums, run.precision,
+                                       cfg["train.grad_clip"])
     eval_loss = evaluate(run.model, data.eval_x, data.eval_y, cfg["train.batch_size"], device, run.precision)
     seconds = before + time.perf_counter() - t0
     _check_finite(layer, epoch, train_loss, eval_loss, run)
@@ -210,13 +211,13 @@ def load_data(cfg, cache, layer, run, device):
 
 
 def train_one_epoch(model, optimizer, schedule, data, device, advance, objective=None, after_step=None, sums=None,
-                    precision="fp32"):
+                    precision="fp32", grad_clip=None):
     """One pass over `data`, stepping the lr schedule after every optimiser step; returns (mean loss,
     samples), over all ranks. The loss stays on the device until the end. With an `objective` (perceptual
     losses) each batch also carries its comparator targets, and the objective takes the step.
     `after_step(steps, loss sum, samples)` runs between steps (it may checkpoint, or raise to stop), not after
     the last, which the epoch's own checkpoint follows; `sums`: this rank's (loss sum, samples) of the steps an
-    in-progress checkpoint already took."""
+    in-progress checkpoint already took. `grad_clip`: the largest global gradient norm a step applies (None: any)."""
     model.train()
     world = distributed.world_size()
     total, seen = sums or (torch.zeros((), device=device), 0)
@@ -231,6 +232,8 @@ def train_one_epoch(model, optimizer, schedule, data, device, advance, objective
             loss = pixel_loss(model, x, y, device, weight, precision)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
         schedule.step()
         total += loss.detach() * (len(x) / weight if weight else 0)

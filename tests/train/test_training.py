@@ -194,3 +194,26 @@ def test_bf16_trains_on_the_cpu_with_fp32_checkpoints_and_resumes_under_fp32(bui
     resumed = train(dict(cfg, **{"train.epochs": 2, "precision": "fp32"}))  # precision is not pinned
     assert [h["precision"] for h in resumed] == ["bf16", "fp32"] and epoch_losses(resumed)[0] == epoch_losses(first)[0]
     assert resumed[1]["eval_loss"] == pytest.approx(fp32[1]["eval_loss"], rel=0.05)
+
+
+def test_grad_clip_bounds_each_step_and_a_run_under_it_still_learns(built, tmp_path):
+    """Under plain SGD with lr 1 a step moves the weights by exactly the gradient: clipped, by at most
+    `grad_clip`; and a default-size clip leaves a run learning."""
+    from inversion.core import decoders
+    model = decoders.Decoder((8, 4, 4), width=0.125)
+    x, y = torch.randn(16, 8, 4, 4) * 100, torch.randint(0, 255, (16, 64, 64, 3), dtype=torch.uint8)
+
+    def step_size(clip):
+        torch.manual_seed(0)
+        trial = decoders.Decoder((8, 4, 4), width=0.125)
+        trial.load_state_dict(model.state_dict())
+        before = torch.cat([p.detach().flatten().clone() for p in trial.parameters()])
+        optimizer = torch.optim.SGD(trial.parameters(), lr=1.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        training.train_one_epoch(trial, optimizer, schedule, [(x, y, len(x))], torch.device("cpu"), lambda n: None,
+                                 grad_clip=clip)
+        return (torch.cat([p.detach().flatten() for p in trial.parameters()]) - before).norm().item()
+
+    assert step_size(None) > 0.1 and step_size(0.01) == pytest.approx(0.01, rel=1e-3)
+    history = train(cfg_in(built, tmp_path, **{"train.epochs": 4, "train.grad_clip": 1.0}))
+    assert history[-1]["eval_loss"] < 0.8 * history[0]["eval_loss"]
