@@ -129,13 +129,16 @@ def interrupt_requested():
 
 
 class Timer:
+    """Seconds since entering, inside the block; the block's duration, fixed at its end, after it."""
+
     def __enter__(self):
-        self.start = time.perf_counter()
+        self.start, self.end = time.perf_counter(), None
         return self
 
     @property
     def seconds(self):
-        return time.perf_counter() - self.start
+        return (self.end or time.perf_counter()) - self.start
 
     def __exit__(self, *exc):
+        self.end = time.perf_counter()
         return False

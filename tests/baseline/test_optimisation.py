@@ -93,6 +93,8 @@ def test_writes_both_methods_resumes_per_layer_and_render_adds_the_table(trained
             m = saved["layers"][layer][method]
             assert set(m) >= {"normalized_error", "mse", "psnr_db", "ssim", "seconds_per_image"}
             assert 0 <= m["mse"] < 1 and m["seconds_per_image"] > 0
+    fc8 = saved["layers"]["fc8"]  # decoding is timed alone, not with the optimisation after it
+    assert fc8["decoder"]["seconds_per_image"] < fc8["optimisation"]["seconds_per_image"]
     with Image.open(out / "optimisation_vs_decoder.png") as im:
         assert im.size == pixel_size(figures.comparison_inches(2, 5))
         assert "random init" in im.info["Title"] and saved["config_hash"] in im.info["Description"]

@@ -55,3 +55,13 @@ def test_the_summary_line_names_items_seconds_and_rate(capsys):
     console.summary("extracted", 1234, 2.0, "images", "into cache/")
     assert capsys.readouterr().err.strip() == "extracted: 1,234 images in 2.0 s (617.0 images/s), into cache/"
     assert console.rate_text(10, 4.0, "samples") == "2.5 samples/s" and console.rate_text(1, 0, "x") == ""
+
+
+def test_a_timer_counts_inside_its_block_and_keeps_the_block_s_duration_after_it():
+    import time
+    with console.Timer() as timer:
+        time.sleep(0.02)
+        inside = timer.seconds
+    after = timer.seconds
+    time.sleep(0.05)
+    assert 0.02 <= inside <= after < 0.05 and timer.seconds == after
