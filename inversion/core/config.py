@@ -57,8 +57,8 @@ SCHEMA = {
     "train.in_memory": ("auto", (str, bool), lambda v: v in ("auto", True, False), "auto, true or false"),
     "train.shuffle_buffer": (4096, int, lambda v: v >= 1, "an integer >= 1"),
     "train.tensorboard": (True, bool, None, "true or false"),
-    # Clip the global L2 norm of each step's gradient (null: off). A trained network's fc6 gives a few images ten
-    # times the typical input norm; their gradient spikes derailed Adam (docs/decoders-and-training.md#gradient-clipping).
+    # Clip the global L2 norm of each step's gradient (null: off): a guard against the rare spikes that can derail
+    # Adam, as a trained encoder's fc6 did once (docs/decoders-and-training.md#gradient-clipping).
     "train.grad_clip": (1.0, (int, float, type(None)), lambda v: v is None or v > 0, "null or a number > 0"),
     "train.init_from": (None, (str, type(None)), None, "null or a decoders folder (e.g. outputs/decoders)"),
     # An in-progress checkpoint within an epoch at most this often (training.py); null: at each epoch's end only.
