@@ -187,7 +187,8 @@ def _kept(job, layer):
 
 def _figure(result, originals, pictures, row_labels, out):
     """Each layer's decoder and optimisation side by side, per image."""
-    short = {"decoder": "decoder", "optimisation": "optim.", "decoder+optimisation": "dec.+optim."}  # fits a column
+    # column titles short enough to fit a column
+    short = {"decoder": "decoder", OPTIMISATIONS["mean"]: "optim.", OPTIMISATIONS["decoder"]: "dec.+optim."}
     columns = {f"{layer} {short[method]}": to_hwc(images)
                for layer, methods in pictures.items() for method, images in methods.items()}
     figures.comparison_grid(to_hwc(originals), columns, row_labels, out / FIGURE, result["encoder_description"],

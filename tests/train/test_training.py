@@ -196,15 +196,14 @@ def test_bf16_trains_on_the_cpu_with_fp32_checkpoints_and_resumes_under_fp32(bui
     assert resumed[1]["eval_loss"] == pytest.approx(fp32[1]["eval_loss"], rel=0.05)
 
 
-def test_grad_clip_bounds_each_step_and_a_run_under_it_still_learns(built, tmp_path):
-    """Under plain SGD with lr 1 a step moves the weights by exactly the gradient: clipped, by at most
-    `grad_clip`; and a default-size clip leaves a run learning."""
+def test_grad_clip_bounds_each_step():
+    """Under plain SGD with lr 1 a step moves the weights by exactly the gradient: clipped, by `grad_clip`.
+    (That a run under the default clip learns is test_training_lowers_the_eval_loss_and_writes_artifacts.)"""
     from inversion.core import decoders
     model = decoders.Decoder((8, 4, 4), width=0.125)
     x, y = torch.randn(16, 8, 4, 4) * 100, torch.randint(0, 255, (16, 64, 64, 3), dtype=torch.uint8)
 
     def step_size(clip):
-        torch.manual_seed(0)
         trial = decoders.Decoder((8, 4, 4), width=0.125)
         trial.load_state_dict(model.state_dict())
         before = torch.cat([p.detach().flatten().clone() for p in trial.parameters()])
@@ -215,5 +214,3 @@ def test_grad_clip_bounds_each_step_and_a_run_under_it_still_learns(built, tmp_p
         return (torch.cat([p.detach().flatten() for p in trial.parameters()]) - before).norm().item()
 
     assert step_size(None) > 0.1 and step_size(0.01) == pytest.approx(0.01, rel=1e-3)
-    history = train(cfg_in(built, tmp_path, **{"train.epochs": 4, "train.grad_clip": 1.0}))
-    assert history[-1]["eval_loss"] < 0.8 * history[0]["eval_loss"]
